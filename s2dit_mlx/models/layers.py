@@ -1,0 +1,67 @@
+"""Building blocks shared by the S2DiT and Wan models: 3D RoPE, CPU-friendly attention."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+# Largest score matrix (elements, all heads and batch together) one attention call may hold.
+# MLX's CPU attention is unfused and materialises every score, so we tile the queries.
+ATTENTION_SCORE_BUDGET = 1 << 24
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split head_dim over (t, h, w) as Wan does: [d - 4(d//6), 2(d//6), 2(d//6)]."""
+    sixth = head_dim // 6
+    return head_dim - 4 * sixth, 2 * sixth, 2 * sixth
+
+
+@lru_cache(maxsize=64)
+def _rope_table(
+    head_dim: int, frames: int, height: int, width: int, frame_offset: int, theta: float
+) -> tuple[mx.array, mx.array]:
+    angles = []
+    positions = np.meshgrid(
+        np.arange(frame_offset, frame_offset + frames),
+        np.arange(height),
+        np.arange(width),
+        indexing="ij",
+    )
+    for axis_dim, pos in zip(rope_axis_dims(head_dim), positions, strict=True):
+        freqs = 1.0 / theta ** (np.arange(0, axis_dim, 2, dtype=np.float64) / axis_dim)
+        angles.append(pos.reshape(-1, 1).astype(np.float64) * freqs[None, :])
+    angle = np.concatenate(angles, axis=1)  # [tokens, head_dim // 2]
+    return mx.array(np.cos(angle).astype(np.float32)), mx.array(np.sin(angle).astype(np.float32))
+
+
+def rope_table(
+    head_dim: int, grid: tuple[int, int, int], frame_offset: int = 0, theta: float = 10000.0
+) -> tuple[mx.array, mx.array]:
+    """cos/sin [tokens, head_dim/2] for a (frames, height, width) token grid, frames from offset."""
+    return _rope_table(head_dim, *grid, frame_offset, theta)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved pairs of x [B, N, H, D] (Wan's complex multiply) by a table [N, D/2]."""
+    shape = x.shape
+    pairs = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(shape).astype(x.dtype)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Softmax attention on [B, H, L, D] inputs, tiled over queries to bound memory on the CPU."""
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
+    outs = [
+        mx.fast.scaled_dot_product_attention(q[:, :, i : i + tile], k, v, scale=scale)
+        for i in range(0, q_len, tile)
+    ]
+    return mx.concatenate(outs, axis=2)

@@ -1,0 +1,197 @@
+"""S2DiT shapes, dtypes, causality and streaming equivalence at tiny random configs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+
+from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
+from s2dit_mlx.streaming import stream_latent_chunks
+
+STREAM_TOL = 1e-4  # fp32 max abs error, streaming vs one block-causal pass
+
+SANDWICHES = [["full"], ["lcha"], ["ssa"], ["lcha", "ssa", "full", "lcha"]]
+WINDOWS = [(None, 0), (2, 1), (1, 0), (3, 2)]
+
+
+def tiny_model(layers, window=None, sink=0, chunk=2, seed=0, **kw) -> S2DiT:
+    """A tiny S2DiT with every parameter randomised."""
+    args = ModelArgs(
+        in_dim=4,
+        out_dim=4,
+        dim=24,
+        ffn_dim=40,
+        freq_dim=16,
+        text_dim=8,
+        num_heads=2,
+        layers=layers,
+        text_len=6,
+        frames_per_chunk=chunk,
+        window=window,
+        sink=sink,
+        **kw,
+    )
+    mx.random.seed(seed)
+    model = S2DiT(args)
+    params = tree_flatten(model.parameters())
+    model.load_weights([(n, mx.random.normal(p.shape) * 0.3) for n, p in params])
+    return model
+
+
+def inputs(frames=7, height=4, width=8, seed=1):
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((1, frames, height, width, 4)).astype(np.float32))
+    t = mx.array((rng.random((1, frames)) * 1000).astype(np.float32))
+    ctx = mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32))
+    return x, t, ctx
+
+
+def stream_pass(model, x, t, ctx, chunk):
+    cache = model.make_cache()
+    outs = []
+    for s in range(0, x.shape[1], chunk):
+        outs.append(
+            model(x[:, s : s + chunk], t[:, s : s + chunk], ctx, cache=cache, update_cache=True)
+        )
+    return mx.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("layers", SANDWICHES, ids="-".join)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
+def test_shapes_and_dtypes(layers, dtype):
+    model = tiny_model(layers, window=2, sink=1)
+    model.set_dtype(dtype)
+    x, t, ctx = inputs(frames=5, height=4, width=12)
+    for kwargs in ({}, {"chunk_frames": 2}):
+        out = model(x.astype(dtype), t, ctx.astype(dtype), **kwargs)
+        assert out.shape == x.shape
+        assert out.dtype == dtype
+        assert bool(mx.all(mx.isfinite(out)))
+    cache = model.make_cache()
+    out = model(x[:, :2].astype(dtype), t[:, :1].reshape(1), ctx.astype(dtype), cache=cache)
+    assert out.shape == (1, 2, 4, 12, 4) and out.dtype == dtype
+
+
+@pytest.mark.parametrize("layers", SANDWICHES, ids="-".join)
+@pytest.mark.parametrize("window,sink", WINDOWS)
+def test_streaming_equals_block_causal_pass(layers, window, sink):
+    model = tiny_model(layers, window=window, sink=sink)
+    x, t, ctx = inputs(frames=7)  # 7 frames in chunks of 2: the last chunk is short
+    full = model(x, t, ctx, chunk_frames=2)
+    streamed = stream_pass(model, x, t, ctx, 2)
+    err = float(mx.abs(streamed - full).max())
+    assert err <= STREAM_TOL, err
+
+
+@pytest.mark.parametrize("layers", SANDWICHES, ids="-".join)
+@pytest.mark.parametrize("window,sink", [(None, 0), (2, 1)])
+def test_later_chunks_never_change_earlier_outputs(layers, window, sink):
+    model = tiny_model(layers, window=window, sink=sink)
+    x, t, ctx = inputs(frames=8)
+    before = model(x, t, ctx, chunk_frames=2)
+    changed = mx.concatenate([x[:, :4], x[:, 4:] + 5.0], axis=1)
+    t_changed = mx.concatenate([t[:, :4], 1000 - t[:, 4:]], axis=1)
+    after = model(changed, t_changed, ctx, chunk_frames=2)
+    assert float(mx.abs(after[:, :4] - before[:, :4]).max()) == 0.0
+    # The change must reach the later chunks, or this test proves nothing.
+    assert float(mx.abs(after[:, 4:] - before[:, 4:]).max()) > 1e-3
+
+
+def test_bidirectional_pass_sees_the_future():
+    model = tiny_model(["full", "lcha"])
+    x, t, ctx = inputs(frames=4)
+    before = model(x, t, ctx)
+    after = model(mx.concatenate([x[:, :2], x[:, 2:] + 5.0], axis=1), t, ctx)
+    assert float(mx.abs(after[:, :2] - before[:, :2]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("layers", [["full"], ["ssa"]], ids="-".join)
+def test_window_limits_what_softmax_layers_see(layers):
+    x, t, ctx = inputs(frames=8)
+    unbounded = tiny_model(layers)(x, t, ctx, chunk_frames=2)
+    windowed = tiny_model(layers, window=2)(x, t, ctx, chunk_frames=2)
+    # Chunks 0 and 1 see the same keys either way; chunk 2 onwards loses chunk 0.
+    assert float(mx.abs(windowed[:, :4] - unbounded[:, :4]).max()) <= STREAM_TOL
+    assert float(mx.abs(windowed[:, 4:] - unbounded[:, 4:]).max()) > 1e-3
+
+
+def test_cache_memory_is_bounded():
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=1)
+    x, t, ctx = inputs(frames=12)
+    cache = model.make_cache()
+    sizes = []
+    for s in range(12):
+        model(x[:, s : s + 1], t[:, s : s + 1], ctx, cache=cache, update_cache=True)
+        mx.eval(cache.arrays())
+        sizes.append(cache.nbytes())
+    assert sizes[3] == sizes[-1], sizes  # flat once sink + window are filled
+    assert sizes[0] < sizes[3]
+
+
+def test_unbounded_window_grows_and_lcha_state_does_not():
+    x, t, ctx = inputs(frames=6)
+    for layers, grows in ((["full"], True), (["lcha"], False)):
+        model = tiny_model(layers, chunk=1)
+        cache = model.make_cache()
+        sizes = []
+        for s in range(6):
+            model(x[:, s : s + 1], t[:, s : s + 1], ctx, cache=cache, update_cache=True)
+            sizes.append(cache.nbytes())
+        assert (sizes[-1] > sizes[1]) == grows, (layers, sizes)
+
+
+def stream(model, frames, seed=3):
+    ctx = mx.array(np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32))
+    chunks = stream_latent_chunks(
+        model,
+        ctx,
+        num_latent_frames=frames,
+        latent_height=4,
+        latent_width=4,
+        timesteps=[1000.0, 937.5, 833.3, 625.0],
+        seed=seed,
+    )
+    return [np.array(c) for c in chunks], ctx
+
+
+def test_generator_future_frames_never_change_past_ones():
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    short, _ = stream(model, 3)
+    long, _ = stream(model, 9)
+    assert [c.shape[1] for c in short] == [2, 1]
+    assert [c.shape[1] for c in long] == [2, 2, 2, 2, 1]
+    np.testing.assert_array_equal(short[0], long[0])
+    other_seed, _ = stream(model, 3, seed=4)
+    assert np.abs(other_seed[0] - short[0]).max() > 1e-3
+
+
+def test_generator_state_equals_one_block_causal_pass():
+    """The clean passes that fill the cache equal one block-causal pass over the clean video."""
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    chunks, ctx = stream(model, 7)
+    video = mx.array(np.concatenate(chunks, axis=1))
+    zeros = mx.zeros((1, video.shape[1]))
+    full = model(video, zeros, ctx, chunk_frames=2)
+    streamed = stream_pass(model, video, zeros, ctx, 2)
+    assert float(mx.abs(streamed - full).max()) <= STREAM_TOL
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(S2DiTError, match="unknown block type 'mamba'"):
+        ModelArgs.from_dict({"layers": ["lcha", "mamba"]})
+    with pytest.raises(S2DiTError, match="heads"):
+        ModelArgs.from_dict({"dim": 30, "num_heads": 4})
+    with pytest.raises(S2DiTError, match="window"):
+        ModelArgs.from_dict({"window": 0})
+    model = tiny_model(["ssa"])
+    x, t, ctx = inputs(frames=2, height=6, width=8)  # 6 is not a multiple of patch 2 x stride 2
+    with pytest.raises(S2DiTError, match="multiple of 4"):
+        model(x, t, ctx)
+
+
+def test_args_round_trip():
+    args = ModelArgs(dim=48, num_heads=4, layers=["ssa", "lcha"], window=3, sink=1)
+    again = ModelArgs.from_dict(args.to_dict())
+    assert again == args

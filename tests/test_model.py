@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.streaming import stream_latent_chunks

@@ -256,7 +256,8 @@ def depthwise_causal_conv3d(padded: mx.array, weight: mx.array) -> mx.array:
     _, kt, kh, kw = weight.shape
     frames = padded.shape[1] - kt + 1
     height, width = padded.shape[2:4]
-    pad_h, pad_w = (kh // 2, kh - 1 - kh // 2), (kw // 2, kw - 1 - kw // 2)
+    # Like PyTorch padding='same': an even kernel's extra zero goes after (bottom/right).
+    pad_h, pad_w = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
     padded = mx.pad(padded, [(0, 0), (0, 0), pad_h, pad_w, (0, 0)])
     out = None
     for a in range(kt):

@@ -1,0 +1,317 @@
+"""The `s2dit` command line: `s2dit generate` and `s2dit info`.
+
+Every user error (bad sizes, a broken model folder, an unwritable output path, ...) ends
+as one line `error: ...` on stderr with exit code 2, no traceback and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import S2DiTError
+
+EXIT_ERROR = 2
+
+GENERATE_EPILOG = """\
+Settings you leave out come from the model folder's config.json "defaults".
+
+examples:
+  s2dit generate "a red fox running through snow" --model ./my-model -o fox.mp4
+  s2dit generate "waves at dusk" --model user/s2dit-ar -o waves.mp4 --stream --seed 7
+  s2dit generate "a paper boat" --model ./my-model -o boat.gif --frames 17
+  s2dit generate "a paper boat" --model ./my-model -o frames/   # PNG frames
+
+Output kind follows the path: .mp4 (H.264), .gif, a folder (trailing slash or no suffix)
+of PNG frames, a pattern like frames/f_%05d.png, or .png for a single frame. A JSON
+sidecar with the prompt, seed, settings, timings and peak memory is written beside it
+(out.mp4 -> out.json).
+"""
+
+NO_MODEL = (
+    "no built-in model is installed yet; pass --model with a model folder or a "
+    "Hugging Face repository id (see s2dit generate --help)"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        prog = self.prog
+        self.exit(EXIT_ERROR, f"error: {' '.join(message.split())} (see {prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `s2dit` argument parser."""
+    parser = _Parser(
+        prog="s2dit",
+        description="S2DiT streaming text-to-video generation, native in MLX.",
+        epilog="Run 's2dit COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"s2dit-mlx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate a video from a text prompt",
+        description="Generate a video from a text prompt.",
+        epilog=GENERATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("prompt", help="what the video should show")
+    gen.add_argument(
+        "--model",
+        "-m",
+        metavar="MODEL",
+        help="model folder or Hugging Face repository id (e.g. ./my-model or user/s2dit-ar)",
+    )
+    gen.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="PATH",
+        help="output path: out.mp4, out.gif, frames/ (PNG frames) or frames/f_%%05d.png",
+    )
+    gen.add_argument(
+        "--frames", type=int, metavar="N", help="number of frames, 4k + 1 (e.g. 17, 33, 81)"
+    )
+    gen.add_argument("--height", type=int, metavar="PX", help="frame height in pixels")
+    gen.add_argument("--width", type=int, metavar="PX", help="frame width in pixels")
+    gen.add_argument(
+        "--steps", type=int, metavar="N", help="denoising steps (per chunk when streaming)"
+    )
+    gen.add_argument(
+        "--seed", type=int, metavar="N", help="random seed (default: a random one, recorded)"
+    )
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale (1 = no guidance)",
+    )
+    gen.add_argument(
+        "--negative-prompt", metavar="TEXT", help="what the video should not show (with guidance)"
+    )
+    gen.add_argument(
+        "--shift", type=float, metavar="S", help="timestep shift of the noise schedule"
+    )
+    gen.add_argument(
+        "--mode",
+        choices=["streaming", "bidirectional"],
+        help="streaming: chunk by chunk with a cache; bidirectional: whole video at once",
+    )
+    gen.add_argument("--solver", choices=["euler", "unipc"], help="solver (bidirectional mode)")
+    gen.add_argument(
+        "--fps", type=float, metavar="FPS", help="frames per second of the output video"
+    )
+    gen.add_argument(
+        "--stream",
+        action="store_true",
+        help="write frames as soon as each chunk is decoded, with a live frames/s figure",
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="precision of the diffusion transformer (default: float32)",
+    )
+    gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser(
+        "info",
+        help="show the MLX version, device, BLAS and measured GEMM speed",
+        description="Show the MLX version, device, BLAS in use and a measured fp32 GEMM rate.",
+    )
+    info.add_argument("--no-gemm", action="store_true", help="skip the GEMM measurement")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _versions() -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    return {
+        "s2dit_mlx": __version__,
+        "mlx": mx.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+
+
+def _remove_output(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _probe_writable(out: Path) -> None:
+    # os.access says yes to root even on read-only mounts; creating a file is the real test.
+    parent = out.absolute().parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".s2dit-probe-"):
+            pass
+    except OSError as err:
+        raise S2DiTError(
+            f"output directory is not writable: {parent} ({err.strerror or err})"
+        ) from None
+
+
+def _memory(gb: float | None) -> str:
+    if gb is None:
+        return "unknown"
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`s2dit generate`: prompt -> video file + JSON sidecar."""
+    if not args.model:
+        raise S2DiTError(NO_MODEL)
+    from . import video_io
+    from .pipeline import Pipeline
+
+    out = video_io.check_output_path(args.output)  # fail before the (slow) model load
+    _probe_writable(out)
+    if args.fps is not None and not (args.fps > 0 and args.fps < float("inf")):
+        raise S2DiTError(f"fps must be a positive number, got {args.fps}")
+
+    start = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - start
+
+    overrides = {
+        "frames": args.frames,
+        "height": args.height,
+        "width": args.width,
+        "steps": args.steps,
+        "seed": args.seed if args.seed is not None else secrets.randbelow(2**32),
+        "guidance": args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "shift": args.shift,
+        "mode": args.mode,
+        "solver": args.solver,
+    }
+    settings = pipe.settings(args.prompt, **overrides)
+    video_io.check_output_path(out, settings.frames)
+    fps = args.fps if args.fps is not None else pipe.defaults["fps"]
+    if not (isinstance(fps, (int, float)) and fps > 0):
+        raise S2DiTError(f"fps must be a positive number, got {fps!r}")
+    progress = not args.quiet
+
+    t0 = time.perf_counter()
+    frames_written = 0
+    if args.stream:
+        with video_io.VideoWriter(out, fps=fps) as writer:
+            for batch in pipe.stream(args.prompt, progress=progress, **overrides):
+                writer.write(batch)
+            frames_written = writer.frames_written
+    else:
+        video = pipe.generate(args.prompt, progress=progress, **overrides)
+        t_write = time.perf_counter()
+        video_io.write_video(out, video, fps=fps)
+        frames_written = video.shape[0]
+        pipe.last_stats["write_s"] = time.perf_counter() - t_write
+    wall_s = time.perf_counter() - t0
+
+    stats = pipe.last_stats
+    timings = {
+        "load_s": load_s,
+        "text_encode_s": stats.get("text_encode_s"),
+        "denoise_s": stats.get("denoise_s"),
+        "first_frames_s": stats.get("first_frames_s"),
+        "generate_s": stats.get("generate_s"),
+        "write_s": stats.get("write_s"),
+        "wall_s": wall_s,
+        "chunk_s": stats.get("chunk_s"),
+        "decode_s": stats.get("decode_s"),
+    }
+    meta = {
+        "prompt": settings.prompt,
+        "negative_prompt": settings.negative_prompt,
+        "seed": settings.seed,
+        "model": args.model,
+        "model_path": str(pipe.path) if pipe.path is not None else None,
+        "output": os.fspath(out),
+        "settings": {
+            **{
+                k: v
+                for k, v in settings.to_dict().items()
+                if k not in ("prompt", "negative_prompt", "seed")
+            },
+            "fps": fps,
+            "stream": bool(args.stream),
+        },
+        "frames_written": frames_written,
+        "timings": {k: v for k, v in timings.items() if v is not None},
+        "frames_per_s": stats.get("frames_per_s"),
+        "wall_frames_per_s": frames_written / wall_s if wall_s > 0 else None,
+        "peak_memory_gb": stats.get("peak_memory_gb"),
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        sidecar = video_io.write_metadata(out, meta)
+    except OSError:
+        _remove_output(out)  # no half-finished result: the video without its record goes too
+        raise
+    if not args.quiet:
+        h, w = settings.height, settings.width
+        print(
+            f"wrote {out}: {frames_written} frames {w}x{h} at {fps:g} fps in {wall_s:.2f} s "
+            f"({meta['wall_frames_per_s']:.2f} frames/s, peak memory "
+            f"{_memory(meta['peak_memory_gb'])}, seed {settings.seed}); metadata: {sidecar}"
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """`s2dit info`: versions, device, BLAS, GEMM speed."""
+    from .info import info_lines
+
+    for line in info_lines(gemm=not args.no_gemm):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `s2dit` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_ERROR
+        return args.func(args)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except S2DiTError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        reason = exc.strerror or " ".join(str(exc).split())
+        print(f"error: {reason}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Model folders: strict loading and atomic saving (local folder or Hugging Face hub id).
+
+A model folder holds:
+
+    config.json                      {"model_type": "s2dit", "dit": {...}, "vae": {"type": ...},
+                                      "text_encoder": {"type": ...}, "defaults": {...}}
+    model.safetensors                the DiT
+    vae/config.json, vae/model.safetensors
+    text_encoder/config.json, text_encoder/model.safetensors
+
+Components are looked up by their "type" in a registry ("patch" VAE, "byte" text encoder
+built in); `register_component` adds more (the Wan VAE and umT5 do). Loading is strict:
+any missing, unexpected or mis-shaped weight, unknown type, unreadable file or bad JSON
+raises S2DiTError with one line naming the folder and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import S2DiTError
+from .models.byte_text_encoder import ByteTextEncoder, ByteTextEncoderConfig
+from .models.patch_vae import PatchVAE, PatchVAEConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
+
+# kind -> type name -> (config class with from_dict/to_dict, module class taking the config)
+_COMPONENTS: dict[str, dict[str, tuple[type, type]]] = {
+    "vae": {"patch": (PatchVAEConfig, PatchVAE)},
+    "text_encoder": {"byte": (ByteTextEncoderConfig, ByteTextEncoder)},
+}
+
+# Generation defaults a model folder may set in config.json's "defaults"; these fill the gaps.
+DEFAULTS: dict[str, Any] = {
+    "height": 288,
+    "width": 512,
+    "frames": 81,
+    "fps": 16,
+    "steps": 4,
+    "shift": 5.0,
+    "guidance": 1.0,
+    "negative_prompt": "",
+    "mode": "streaming",
+    "solver": "unipc",
+}
+MODES = ("streaming", "bidirectional")
+
+
+def register_component(kind: str, type_name: str, config_cls: type, model_cls: type) -> None:
+    """Make `{"type": type_name}` in a model folder's `kind` entry ("vae"/"text_encoder") loadable."""
+    if kind not in _COMPONENTS:
+        raise ValueError(f"unknown component kind {kind!r}; expected one of {sorted(_COMPONENTS)}")
+    _COMPONENTS[kind][type_name] = (config_cls, model_cls)
+
+
+def component_types(kind: str) -> list[str]:
+    """The registered type names of a component kind."""
+    return sorted(_COMPONENTS[kind])
+
+
+@dataclass
+class ModelBundle:
+    """Everything a Pipeline needs: the DiT, the VAE, the text encoder and the defaults."""
+
+    dit: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    defaults: dict = field(default_factory=lambda: dict(DEFAULTS))
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
+    name: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _read_json(path: Path, where: str) -> dict:
+    if not path.is_file():
+        raise S2DiTError(f"{where}: {path.name} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise S2DiTError(
+            f"{where}: {path.name} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise S2DiTError(f"{where}: cannot read {path.name}: {_one_line(err)}") from None
+    if not isinstance(data, dict):
+        raise S2DiTError(f"{where}: {path.name} must hold a JSON object")
+    return data
+
+
+def _read_weights(path: Path, where: str, file: str) -> dict[str, mx.array]:
+    if not path.is_file():
+        raise S2DiTError(f"{where}: weights file {file} is missing")
+    try:
+        weights = mx.load(str(path), format="safetensors")
+    except Exception as err:  # mlx raises RuntimeError/ValueError for corrupt files
+        raise S2DiTError(
+            f"{where}: {file} is not a readable safetensors file ({_one_line(err)})"
+        ) from None
+    if not isinstance(weights, dict):
+        raise S2DiTError(f"{where}: {file} holds no weight dict")
+    return weights
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def load_weights_strict(module: nn.Module, path: Path, where: str, file: str | None = None) -> None:
+    """Load safetensors into module, raising S2DiTError on any key or shape mismatch.
+
+    `where` prefixes every message (e.g. "model folder X"); `file` names the file in it.
+    """
+    file = file or path.name
+    weights = _read_weights(path, where, file)
+    if hasattr(module, "sanitize"):
+        weights = module.sanitize(weights)
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" ({len(missing)} missing in all)" if len(missing) > 1 else ""
+        raise S2DiTError(f"{where}: weight {missing[0]} is missing from {file}{more}")
+    if unexpected:
+        more = f" ({len(unexpected)} unexpected in all)" if len(unexpected) > 1 else ""
+        raise S2DiTError(f"{where}: unexpected weight {unexpected[0]} in {file}{more}")
+    for name in sorted(expected):
+        got, want = weights[name].shape, expected[name].shape
+        if tuple(got) != tuple(want):
+            raise S2DiTError(
+                f"{where}: weight {name} in {file} has shape {_shape(got)}, expected {_shape(want)}"
+            )
+    for name, w in weights.items():
+        if not mx.issubdtype(w.dtype, mx.floating):
+            raise S2DiTError(f"{where}: weight {name} in {file} has non-float dtype {w.dtype}")
+    module.load_weights(list(weights.items()), strict=True)
+    mx.eval(module.parameters())
+
+
+def _build_dit(cfg: Any, where: str) -> nn.Module:
+    from .models.s2dit import ModelArgs, S2DiT  # the lead's module; imported late on purpose
+
+    if not isinstance(cfg, dict):
+        raise S2DiTError(f'{where}: config.json needs a "dit" object')
+    try:
+        args = ModelArgs.from_dict(cfg)
+        args.validate()
+        return S2DiT(args)
+    except S2DiTError as err:
+        raise S2DiTError(f"{where}: {err}") from None
+    except (TypeError, ValueError, KeyError) as err:
+        raise S2DiTError(f'{where}: invalid "dit" config ({_one_line(err)})') from None
+
+
+def _build_component(kind: str, cfg: Any, where: str) -> nn.Module:
+    if not isinstance(cfg, dict):
+        raise S2DiTError(f"{where}: the {kind} config must be a JSON object")
+    type_name = cfg.get("type")
+    if type_name not in _COMPONENTS[kind]:
+        known = ", ".join(component_types(kind))
+        raise S2DiTError(f"{where}: unknown {kind} type {type_name!r} (known: {known})")
+    config_cls, model_cls = _COMPONENTS[kind][type_name]
+    try:
+        config = config_cls.from_dict(cfg)
+        return model_cls(config)
+    except S2DiTError as err:
+        raise S2DiTError(f"{where}: {err}") from None
+    except (TypeError, ValueError, KeyError) as err:
+        raise S2DiTError(f"{where}: invalid {kind} config ({_one_line(err)})") from None
+
+
+def _check_defaults(defaults: Any, where: str) -> dict:
+    if defaults is None:
+        defaults = {}
+    if not isinstance(defaults, dict):
+        raise S2DiTError(f'{where}: "defaults" in config.json must be a JSON object')
+    merged = {**DEFAULTS, **{k: v for k, v in defaults.items() if k in DEFAULTS}}
+    for key in ("height", "width", "frames", "steps"):
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise S2DiTError(f"{where}: default {key} must be a positive integer, got {value!r}")
+    for key in ("fps", "shift", "guidance"):
+        value = merged[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise S2DiTError(f"{where}: default {key} must be a number, got {value!r}")
+    if merged["mode"] not in MODES:
+        raise S2DiTError(
+            f"{where}: default mode must be one of {', '.join(MODES)}, got {merged['mode']!r}"
+        )
+    if not isinstance(merged["negative_prompt"], str):
+        raise S2DiTError(f"{where}: default negative_prompt must be a string")
+    return merged
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    # "owner/name" (optionally name alone); never an absolute, home or dotted relative path.
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not (
+        name.startswith(".") or "/." in name or ".." in name
+    )
+
+
+def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local model folder, or the local snapshot of a Hugging Face hub repository."""
+    name = os.fspath(path_or_hub_id)
+    if not name.strip():
+        raise S2DiTError("model path is empty")
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise S2DiTError(f"model path {name} is a file, expected a model folder")
+        return local
+    if not _looks_like_hub_id(name):
+        raise S2DiTError(f"model folder {name} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # network, auth, offline cache misses, bad ids
+        raise S2DiTError(
+            f"model {name} is neither a local folder nor a downloadable Hugging Face repository "
+            f"({type(err).__name__}: {_one_line(err)})"
+        ) from None
+
+
+def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
+    """Load a model folder (local path or hub id) strictly into a ModelBundle."""
+    path = resolve_model_path(path_or_hub_id)
+    where = f"model folder {os.fspath(path_or_hub_id)}"
+    config = _read_json(path / CONFIG_NAME, where)
+    model_type = config.get("model_type", "s2dit")
+    if model_type != "s2dit":
+        raise S2DiTError(f"{where}: model_type {model_type!r} is not supported (expected 's2dit')")
+    for kind in ("dit", "vae", "text_encoder"):
+        if kind not in config:
+            raise S2DiTError(f'{where}: config.json has no "{kind}" entry')
+    defaults = _check_defaults(config.get("defaults"), where)
+
+    dit = _build_dit(config["dit"], where)
+    components = {}
+    for kind in ("vae", "text_encoder"):
+        # The component folder's own config.json is authoritative; the top-level entry names
+        # its type and fills in anything the folder's config leaves out.
+        cfg = config[kind]
+        sub = path / kind / CONFIG_NAME
+        if sub.is_file():
+            sub_cfg = _read_json(sub, where)
+            cfg = {**cfg, **sub_cfg} if isinstance(cfg, dict) else sub_cfg
+        components[kind] = _build_component(kind, cfg, where)
+    vae, text_encoder = components["vae"], components["text_encoder"]
+    _check_compatible(dit, vae, text_encoder, where)
+
+    for module, sub in ((dit, ""), (vae, "vae/"), (text_encoder, "text_encoder/")):
+        load_weights_strict(module, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME)
+    return ModelBundle(
+        dit=dit,
+        vae=vae,
+        text_encoder=text_encoder,
+        defaults=defaults,
+        config=config,
+        path=path,
+        name=os.fspath(path_or_hub_id),
+    )
+
+
+def _check_compatible(dit, vae, text_encoder, where: str) -> None:
+    args = dit.args
+    if vae.z_dim != args.in_dim or vae.z_dim != args.out_dim:
+        raise S2DiTError(
+            f"{where}: VAE z_dim {vae.z_dim} does not match the DiT's in_dim/out_dim "
+            f"{args.in_dim}/{args.out_dim}"
+        )
+    if text_encoder.dim != args.text_dim:
+        raise S2DiTError(
+            f"{where}: text encoder dim {text_encoder.dim} does not match the DiT's text_dim "
+            f"{args.text_dim}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def _component_config(module) -> dict:
+    cfg = module.config.to_dict()
+    if "type" not in cfg:
+        raise ValueError(f"{type(module).__name__}.config.to_dict() has no 'type'")
+    return cfg
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    weights = dict(tree_flatten(module.parameters()))
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
+def save_model(
+    path: str | os.PathLike,
+    dit: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    defaults: dict | None = None,
+) -> Path:
+    """Save a model folder atomically (written beside the target, then renamed into place).
+
+    An existing folder at `path` is replaced only once the new one is complete.
+    """
+    target = Path(path).expanduser()
+    merged = _check_defaults(defaults or {}, f"model folder {target}")
+    vae_cfg, text_cfg = _component_config(vae), _component_config(text_encoder)
+    config = {
+        "model_type": "s2dit",
+        "dit": dit.args.to_dict(),
+        "vae": vae_cfg,
+        "text_encoder": text_cfg,
+        "defaults": merged,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir (unlike tempfile.mkdtemp) honours the umask, so the final folder gets the
+    # permissions any new folder would get.
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        (tmp / "vae").mkdir()
+        (tmp / "text_encoder").mkdir()
+        _write_json(tmp / CONFIG_NAME, config)
+        _write_json(tmp / "vae" / CONFIG_NAME, vae_cfg)
+        _write_json(tmp / "text_encoder" / CONFIG_NAME, text_cfg)
+        _save_weights(dit, tmp / WEIGHTS_NAME)
+        _save_weights(vae, tmp / "vae" / WEIGHTS_NAME)
+        _save_weights(text_encoder, tmp / "text_encoder" / WEIGHTS_NAME)
+        if target.exists():
+            # Swap: old folder aside, new folder in, then drop the old one.
+            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")

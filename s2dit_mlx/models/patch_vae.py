@@ -1,0 +1,267 @@
+"""A small causal video VAE: linear patch (de)compression plus a causal 3D conv.
+
+It stands in for the Wan VAE wherever a real, cheap VAE is enough (tests, tiny
+models, the CLI fixture) and follows the same VAE interface the pipeline uses:
+
+- pixel frames 1 + 4k <-> latent frames 1 + k: the first latent frame covers the
+  first pixel frame alone, each later latent frame covers the next 4 frames;
+- space is compressed by 8 in height and width;
+- decoding is causal in time and can be streamed chunk by chunk with
+  `vae.decoder()`, giving exactly the frames of a one-shot decode.
+
+Layout per latent frame t (channels-last, [B, T, h, w, C]):
+    encode: patch of (4 frames x 8 x 8 x 3) -> Linear -> SiLU -> causal Conv3d -> z
+    decode: z -> causal Conv3d -> SiLU -> Linear -> patch of (4 frames x 8 x 8 x 3)
+The first latent frame's pixel group is its one frame repeated 4 times (encode) and
+the last of the 4 decoded frames (decode), so one set of weights serves both cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import S2DiTError
+
+
+@dataclass
+class PatchVAEConfig:
+    """Config of the patch VAE (the `vae` entry of a model folder, type "patch")."""
+
+    type: str = "patch"
+    z_dim: int = 16
+    temporal_factor: int = 4
+    spatial_factor: int = 8
+    hidden_dim: int = 64
+    # Causal conv kernel in latent frames (time) and pixels of the latent grid (space).
+    temporal_kernel: int = 2
+    spatial_kernel: int = 3
+    # Latents are stored normalised: z_norm = (z - mean) / std, per channel (as Wan does).
+    latents_mean: list[float] = field(default_factory=list)
+    latents_std: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchVAEConfig:
+        """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        """The JSON-ready dict saved in config.json."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise S2DiTError on an inconsistent config."""
+        if self.type != "patch":
+            raise S2DiTError(f"patch VAE config has type {self.type!r}, expected 'patch'")
+        for name in ("z_dim", "temporal_factor", "spatial_factor", "hidden_dim", "temporal_kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise S2DiTError(
+                    f"patch VAE config: {name} must be a positive integer, got {value!r}"
+                )
+        if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:
+            raise S2DiTError(
+                f"patch VAE config: spatial_kernel must be odd, got {self.spatial_kernel!r}"
+            )
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value and len(value) != self.z_dim:
+                raise S2DiTError(
+                    f"patch VAE config: {name} has {len(value)} entries, expected z_dim={self.z_dim}"
+                )
+        if any(s <= 0 for s in self.latents_std):
+            raise S2DiTError("patch VAE config: latents_std entries must be > 0")
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d with zero 'same' padding in space and causal padding in time."""
+
+    def __init__(self, in_dim: int, out_dim: int, kt: int, ks: int):
+        super().__init__()
+        self.kt, self.ks = kt, ks
+        self.conv = nn.Conv3d(in_dim, out_dim, (kt, ks, ks))
+
+    def initial_state(self, x: mx.array) -> mx.array:
+        """The history before the first frame: kt - 1 zero frames (causal zero padding)."""
+        b, _, h, w, c = x.shape
+        return mx.zeros((b, self.kt - 1, h, w, c), dtype=x.dtype)
+
+    def __call__(self, x: mx.array, history: mx.array | None = None):
+        """Convolve x [B, T, h, w, C] given the previous kt-1 input frames; return (y, history)."""
+        if history is None:
+            history = self.initial_state(x)
+        x = mx.concatenate([history, x], axis=1) if self.kt > 1 else x
+        new_history = x[:, x.shape[1] - (self.kt - 1) :] if self.kt > 1 else history
+        p = self.ks // 2
+        y = self.conv(mx.pad(x, [(0, 0), (0, 0), (p, p), (p, p), (0, 0)]))
+        return y, new_history
+
+
+class Encoder(nn.Module):
+    """Pixel patches -> latents, causal in time."""
+
+    def __init__(self, cfg: PatchVAEConfig):
+        super().__init__()
+        patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
+        self.patch_in = nn.Linear(patch, cfg.hidden_dim)
+        self.conv = CausalConv3d(cfg.hidden_dim, cfg.z_dim, cfg.temporal_kernel, cfg.spatial_kernel)
+
+    def __call__(self, patches: mx.array) -> mx.array:
+        y, _ = self.conv(nn.silu(self.patch_in(patches)))
+        return y
+
+
+class Decoder(nn.Module):
+    """Latents -> pixel patches, causal in time."""
+
+    def __init__(self, cfg: PatchVAEConfig):
+        super().__init__()
+        patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
+        self.conv = CausalConv3d(cfg.z_dim, cfg.hidden_dim, cfg.temporal_kernel, cfg.spatial_kernel)
+        self.patch_out = nn.Linear(cfg.hidden_dim, patch)
+
+    def __call__(self, z: mx.array, history: mx.array | None = None):
+        h, history = self.conv(z, history)
+        return self.patch_out(nn.silu(h)), history
+
+
+class StreamingDecoder:
+    """Decodes latent chunks one after another, keeping the causal conv's history.
+
+    The first latent frame it ever sees gives 1 pixel frame, each later one gives 4.
+    """
+
+    def __init__(self, vae: PatchVAE):
+        self.vae = vae
+        self.history: mx.array | None = None
+        self.frames_in = 0  # latent frames decoded so far
+
+    def reset(self) -> None:
+        """Forget the past: the next chunk starts a new video."""
+        self.history = None
+        self.frames_in = 0
+
+    def decode(self, z: mx.array) -> mx.array:
+        """Decode latents [B, f, h, w, z_dim] -> frames [B, F, H, W, 3] in [-1, 1]."""
+        vae = self.vae
+        vae.check_latents(z)
+        if z.shape[1] == 0:
+            b, _, h, w, _ = z.shape
+            sf = vae.spatial_factor
+            return mx.zeros((b, 0, h * sf, w * sf, 3), dtype=z.dtype)
+        # One latent frame at a time (as Wan's VAE decodes): every frame is computed by the
+        # same ops on the same shapes however the sequence is chunked, so a streamed decode is
+        # bit-identical to a one-shot decode.
+        z = vae.denormalize(z)
+        outs = []
+        for i in range(z.shape[1]):
+            patches, self.history = vae.decoder_module(z[:, i : i + 1], self.history)
+            outs.append(patches)
+        frames = vae.unpatchify(mx.concatenate(outs, axis=1))
+        if self.frames_in == 0:
+            # Group 0 stands for the first pixel frame only: keep its last decoded frame.
+            frames = frames[:, vae.temporal_factor - 1 :]
+        self.frames_in += z.shape[1]
+        return mx.clip(frames, -1.0, 1.0)
+
+
+class PatchVAE(nn.Module):
+    """Small causal video VAE with the pipeline's VAE interface."""
+
+    def __init__(self, config: PatchVAEConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder_module = Decoder(config)
+        z = config.z_dim
+        # Plain Python lists: not parameters, they come from config.json.
+        self._mean = mx.array(config.latents_mean or [0.0] * z, dtype=mx.float32)
+        self._std = mx.array(config.latents_std or [1.0] * z, dtype=mx.float32)
+
+    @property
+    def z_dim(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        """Pixel frames 1 + 4k -> latent frames 1 + k."""
+        return 1 + (num_frames - 1) // self.temporal_factor
+
+    def num_pixel_frames(self, num_latent_frames: int) -> int:
+        """Latent frames 1 + k -> pixel frames 1 + 4k."""
+        return 1 + (num_latent_frames - 1) * self.temporal_factor if num_latent_frames else 0
+
+    def normalize(self, z: mx.array) -> mx.array:
+        """Raw latents -> the normalised latents the DiT works on."""
+        return ((z - self._mean) / self._std).astype(z.dtype)
+
+    def denormalize(self, z: mx.array) -> mx.array:
+        """Normalised latents -> raw decoder input."""
+        return (z * self._std + self._mean).astype(z.dtype)
+
+    def check_latents(self, z: mx.array) -> None:
+        """Raise S2DiTError unless z is [B, f, h, w, z_dim]."""
+        if z.ndim != 5 or z.shape[-1] != self.z_dim:
+            raise S2DiTError(
+                f"patch VAE: latents must be [B, f, h, w, {self.z_dim}], got {tuple(z.shape)}"
+            )
+
+    def patchify(self, video: mx.array) -> mx.array:
+        """[B, F=1+4k, H, W, 3] -> [B, 1+k, H/8, W/8, 4*8*8*3] (first frame repeated 4x)."""
+        tf, sf = self.temporal_factor, self.spatial_factor
+        first = mx.repeat(video[:, :1], tf, axis=1)
+        video = mx.concatenate([first, video[:, 1:]], axis=1)
+        b, f, hh, ww, c = video.shape
+        t, h, w = f // tf, hh // sf, ww // sf
+        x = video.reshape(b, t, tf, h, sf, w, sf, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        return x.reshape(b, t, h, w, tf * sf * sf * c)
+
+    def unpatchify(self, patches: mx.array) -> mx.array:
+        """[B, T, h, w, 4*8*8*3] -> [B, 4T, 8h, 8w, 3]."""
+        tf, sf = self.temporal_factor, self.spatial_factor
+        b, t, h, w, _ = patches.shape
+        x = patches.reshape(b, t, h, w, tf, sf, sf, 3)
+        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return x.reshape(b, t * tf, h * sf, w * sf, 3)
+
+    def encode(self, video: mx.array) -> mx.array:
+        """Encode video [B, F, H, W, 3] in [-1, 1] (F = 1 + 4k) -> normalised latents."""
+        tf, sf = self.temporal_factor, self.spatial_factor
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise S2DiTError(f"patch VAE: video must be [B, F, H, W, 3], got {tuple(video.shape)}")
+        _, f, hh, ww, _ = video.shape
+        if f < 1 or (f - 1) % tf:
+            raise S2DiTError(f"patch VAE: frame count must be 1 + {tf}k, got {f}")
+        if hh % sf or ww % sf:
+            raise S2DiTError(
+                f"patch VAE: height and width must be divisible by {sf}, got {hh}x{ww}"
+            )
+        return self.normalize(self.encoder(self.patchify(video)))
+
+    def decoder(self) -> StreamingDecoder:
+        """A fresh streaming decoder (its own causal state)."""
+        return StreamingDecoder(self)
+
+    def decode(self, z: mx.array) -> mx.array:
+        """Decode a whole latent sequence at once -> frames [B, 1+4(f-1), H, W, 3] in [-1, 1]."""
+        return self.decoder().decode(z)
+
+    def __call__(self, video: mx.array) -> mx.array:
+        """Reconstruct video through encode + decode (for training)."""
+        return self.decode(self.encode(video))
+
+    def sanitize(self, weights: dict) -> dict:
+        """Weights are stored under their module names: nothing to rename."""
+        return weights

@@ -9,7 +9,7 @@ import numpy as np
 
 # Largest score matrix (elements, all heads and batch together) one attention call may hold.
 # MLX's CPU attention is unfused and materialises every score, so we tile the queries.
-ATTENTION_SCORE_BUDGET = 1 << 24
+ATTENTION_SCORE_BUDGET = 1 << 22
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -60,8 +60,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
-    outs = [
-        mx.fast.scaled_dot_product_attention(q[:, :, i : i + tile], k, v, scale=scale)
-        for i in range(0, q_len, tile)
-    ]
+    outs = []
+    for i in range(0, q_len, tile):
+        q_tile = q[:, :, i : i + tile]
+        if outs:
+            # Make each tile wait for the previous one, so only one score matrix is alive.
+            q_tile = mx.depends(q_tile, outs[-1])
+        outs.append(mx.fast.scaled_dot_product_attention(q_tile, k, v, scale=scale))
     return mx.concatenate(outs, axis=2)

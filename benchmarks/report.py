@@ -1,0 +1,108 @@
+"""Render benchmarks/results/*.json as the README's tables.
+
+python benchmarks/report.py                  # print the tables
+python benchmarks/report.py --update-readme  # replace the block between the README markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gemm_table(r: dict) -> list[str]:
+    res = r["results"]
+    sizes = list(res["mlx"]["gflops"])
+    lines = [
+        "**fp32 GEMM** (GFLOP/s, n x n x n; `benchmarks/gemm.py`)",
+        "",
+        "| n | MLX + our OpenBLAS | numpy | MLX, reference BLAS | MLX / numpy | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        mlx, npy = res["mlx"]["gflops"][n], res["numpy"]["gflops"][n]
+        ref = res["mlx_reference"]["gflops"][n]
+        lines.append(
+            f"| {n} | {mlx:.0f} | {npy:.0f} | {ref:.1f} | {mlx / npy:.2f} | {mlx / ref:.0f}x |"
+        )
+    return lines
+
+
+def attention_table(r: dict) -> list[str]:
+    lines = [
+        f"**One attention layer** at dim {r['dim']}, {r['heads']} heads, projections included "
+        f"(seconds; peak MB; `benchmarks/attention.py`; GEMM {r['gemm_gflops_fp32']:.0f} GFLOP/s)",
+        "",
+        "| tokens | full | lcha | ssa | full / lcha | full / ssa | lcha us/token | "
+        "peak MB full (untiled) / lcha / ssa | full at GEMM rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        f, lc, s = row["full"], row["lcha"], row["ssa"]
+        lines.append(
+            f"| {row['tokens']} | {f['seconds']:.2f} | {lc['seconds']:.2f} | {s['seconds']:.2f} | "
+            f"{row['full_over_lcha']:.1f}x | {row['full_over_ssa']:.1f}x | "
+            f"{lc['us_per_token']:.0f} | {f['peak_mb']:.0f} ({row['full_untiled']['peak_mb']:.0f})"
+            f" / {lc['peak_mb']:.0f} / {s['peak_mb']:.0f} | {100 * row['full_matmul_fraction']:.0f}% |"
+        )
+    return lines
+
+
+def streaming_table(r: dict) -> list[str]:
+    rows = r["rows"]
+    pick = [rows[i] for i in (0, 3, 7, 15, len(rows) - 1) if i < len(rows)]
+    lines = [
+        f"**Streaming** {r['chunks']} chunks, window {r['model']['window']}, sink "
+        f"{r['model']['sink']} (`benchmarks/streaming.py`): chunk {len(rows)} / chunk 4 time "
+        f"{r['time_ratio_last_over_chunk4']:.2f}x, peak memory spread over chunks 4-{len(rows)} "
+        f"{100 * r['peak_spread_from_chunk4']:.1f}%",
+        "",
+        "| chunk | seconds | peak MB |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {x['chunk']} | {x['seconds']:.2f} | {x['peak_mb']:.1f} |" for x in pick]
+    return lines
+
+
+RENDERERS = {"gemm": gemm_table, "attention": attention_table, "streaming": streaming_table}
+
+
+def render() -> str:
+    """All available result tables as markdown."""
+    blocks = []
+    for name, fn in RENDERERS.items():
+        result = _load(name)
+        if result is not None:
+            blocks.append("\n".join(fn(result)))
+    return "\n\n".join(blocks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update-readme", action="store_true")
+    opts = parser.parse_args()
+    text = render()
+    if not opts.update_readme:
+        print(text)
+        return
+    readme = README.read_text()
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = README.with_suffix(".tmp")
+    tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    tmp.replace(README)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 from .errors import S2DiTError
 from .models.byte_text_encoder import ByteTextEncoder, ByteTextEncoderConfig
 from .models.patch_vae import PatchVAE, PatchVAEConfig
+from .models.umt5 import UMT5Config, UMT5TextEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,7 +42,10 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
 # kind -> type name -> (config class with from_dict/to_dict, module class taking the config)
 _COMPONENTS: dict[str, dict[str, tuple[type, type]]] = {
     "vae": {"patch": (PatchVAEConfig, PatchVAE)},
-    "text_encoder": {"byte": (ByteTextEncoderConfig, ByteTextEncoder)},
+    "text_encoder": {
+        "byte": (ByteTextEncoderConfig, ByteTextEncoder),
+        "umt5": (UMT5Config, UMT5TextEncoder),
+    },
 }
 
 # Generation defaults a model folder may set in config.json's "defaults"; these fill the gaps.
@@ -279,6 +283,13 @@ def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
 
     for module, sub in ((dit, ""), (vae, "vae/"), (text_encoder, "text_encoder/")):
         load_weights_strict(module, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME)
+    for kind, module in components.items():
+        # Files a component keeps beside its weights (the umT5 tokenizer.json).
+        if hasattr(module, "load_assets"):
+            try:
+                module.load_assets(path / kind)
+            except S2DiTError as err:
+                raise S2DiTError(f"{where}: {err}") from None
     return ModelBundle(
         dit=dit,
         vae=vae,
@@ -355,6 +366,9 @@ def save_model(
         _save_weights(dit, tmp / WEIGHTS_NAME)
         _save_weights(vae, tmp / "vae" / WEIGHTS_NAME)
         _save_weights(text_encoder, tmp / "text_encoder" / WEIGHTS_NAME)
+        for module, kind in ((vae, "vae"), (text_encoder, "text_encoder")):
+            if hasattr(module, "save_assets"):  # e.g. the umT5 tokenizer.json
+                module.save_assets(tmp / kind)
         if target.exists():
             # Swap: old folder aside, new folder in, then drop the old one.
             old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")

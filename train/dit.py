@@ -1,0 +1,417 @@
+"""`python -m train.dit`: flow-matching training of an S2DiT, full or LoRA, on one or many processes.
+
+Outputs in RUN_DIR:
+    run.json                  the settings of the run (--resume reads them back)
+    init/                     the starting model folder, when training from --config
+    checkpoints/step-*/       atomic checkpoints; checkpoints/latest names the newest
+    loss.json, loss.png       loss per step and its curve
+    samples/step-*.gif        periodic sample videos (--sample-every)
+    model/                    final model folder (full training; EMA weights with --ema)
+    adapters/                 final LoRA adapter (adapters.safetensors + adapter_config.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# isort: off
+import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+
+# isort: on
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from s2dit_mlx.errors import S2DiTError
+
+from .checkpoint import latest_checkpoint
+from .data import VideoEncoder, load_source
+from .flow import T_DISTS, FlowConfig, FlowModel, make_flow_loss
+from .lora import DEFAULT_LAYERS, LoRAConfig, apply_lora, save_adapters, weights_hash
+from .trainer import SCHEDULES, TrainConfig, Trainer, write_run_config
+
+EXIT_ERROR = 2
+
+EPILOG = """\
+examples:
+  # LoRA on the moving-shapes data, starting from a model folder
+  python -m train.dit --model models/tiny --data shapes --out runs/lora \\
+      --lora --rank 8 --alpha 16 --layers "self_attn.q,self_attn.k,cross_attn.*" --steps 500
+
+  # full training from a config (random init), streaming objective, EMA, checkpoints
+  python -m train.dit --config my_config.json --data shapes --out runs/full \\
+      --mode streaming --steps 2000 --batch-size 8 --ema 0.999 --checkpoint-every 200
+
+  # continue exactly where the last checkpoint left off (settings come from run.json)
+  python -m train.dit --out runs/full --resume
+
+  # data parallel on 2 local processes (ring backend); --batch-size is the global batch
+  mlx.launch --backend ring -n 2 -- python -m train.dit --model DIR --out runs/dp --batch-size 8
+
+--data takes "shapes" or "package.module:function"; the function is called with any of
+seed, frames, height, width it accepts and returns source(indices) -> {"video": [B,F,H,W,3]
+in [-1, 1], "captions": [...]} or {"latents": [B,T,h,w,C], "context": [B,L,D]}.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m train.dit`."""
+    p = argparse.ArgumentParser(
+        prog="python -m train.dit",
+        description="Train an S2DiT with flow matching (full or LoRA), with exact resume.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="start from this model folder or Hugging Face id")
+    g.add_argument(
+        "--config",
+        metavar="JSON",
+        help="model-folder config.json (dit, vae, text_encoder, defaults) to train from scratch",
+    )
+    g.add_argument(
+        "--out",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder (checkpoints, plots, samples, result)",
+    )
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", default="shapes", metavar="SOURCE", help="'shapes' or 'package.module:function'"
+    )
+    g.add_argument(
+        "--frames", type=int, metavar="N", help="pixel frames per clip (1 + 4k; default: model's)"
+    )
+    g.add_argument(
+        "--height", type=int, metavar="N", help="clip height in pixels (default: model's)"
+    )
+    g.add_argument("--width", type=int, metavar="N", help="clip width in pixels (default: model's)")
+    g.add_argument(
+        "--caption-dropout",
+        type=float,
+        metavar="X",
+        default=0.1,
+        help="probability of an empty caption, for classifier-free guidance (default 0.1)",
+    )
+
+    g = p.add_argument_group("objective")
+    g.add_argument(
+        "--mode",
+        choices=("bidirectional", "streaming"),
+        help="bidirectional, or streaming (block-causal, per-chunk noise); default: model's mode",
+    )
+    g.add_argument("--t-dist", choices=T_DISTS, default="logit_normal", help="noise-level law")
+    g.add_argument(
+        "--shift", type=float, metavar="X", default=1.0, help="timestep shift of drawn levels"
+    )
+    g.add_argument(
+        "--clean-context-prob",
+        type=float,
+        metavar="X",
+        default=0.25,
+        help="streaming: probability of clean (t=0) leading chunks (default 0.25)",
+    )
+    g.add_argument(
+        "--train-text-encoder", action="store_true", help="train the text encoder jointly"
+    )
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    g.add_argument("--rank", type=int, metavar="N", default=8, help="LoRA rank (default 8)")
+    g.add_argument(
+        "--alpha", type=float, metavar="X", default=16.0, help="LoRA alpha; scale = alpha / rank"
+    )
+    g.add_argument(
+        "--lora-dropout", type=float, metavar="X", default=0.0, help="dropout on the adapter input"
+    )
+    g.add_argument(
+        "--layers",
+        default=DEFAULT_LAYERS,
+        metavar="PATTERNS",
+        help=f"comma-separated layer patterns (fnmatch, per block) (default: {DEFAULT_LAYERS})",
+    )
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument(
+        "--steps", type=int, metavar="N", default=1000, help="optimizer updates (default 1000)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=4,
+        help="global clips per micro-batch (default 4)",
+    )
+    g.add_argument(
+        "--accum", type=int, metavar="N", default=1, help="micro-batches per update (default 1)"
+    )
+    g.add_argument(
+        "--lr", type=float, metavar="X", default=1e-4, help="peak learning rate (default 1e-4)"
+    )
+    g.add_argument("--warmup", type=int, metavar="N", default=0, help="linear warmup steps")
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="after warmup")
+    g.add_argument(
+        "--min-lr-ratio", type=float, metavar="X", default=0.0, help="cosine floor as a fraction"
+    )
+    g.add_argument(
+        "--weight-decay", type=float, metavar="X", default=0.0, help="AdamW weight decay"
+    )
+    g.add_argument(
+        "--grad-clip", type=float, metavar="X", default=1.0, help="global norm clip (0: off)"
+    )
+    g.add_argument(
+        "--ema", type=float, metavar="X", default=0.0, help="EMA decay, e.g. 0.999 (0: off)"
+    )
+    g.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute each block's activations in the backward pass (less memory)",
+    )
+    g.add_argument("--no-compile", action="store_true", help="run the step eagerly")
+    g.add_argument(
+        "--seed", type=int, metavar="N", default=0, help="seed of data order, noise and init"
+    )
+
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument(
+        "--checkpoint-every", type=int, metavar="N", default=0, help="steps between checkpoints"
+    )
+    g.add_argument("--keep", type=int, metavar="N", default=2, help="checkpoints to keep (0: all)")
+    g.add_argument(
+        "--sample-every", type=int, metavar="N", default=0, help="steps between sample videos"
+    )
+    g.add_argument(
+        "--sample-prompt",
+        action="append",
+        metavar="TEXT",
+        help="prompt for sample videos (repeatable; default: a red circle moving left)",
+    )
+    g.add_argument("--sample-steps", type=int, metavar="N", help="denoising steps of samples")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint"
+    )
+    g.add_argument(
+        "--until",
+        type=int,
+        metavar="N",
+        help="stop (with a checkpoint) after this step, keeping the schedule of --steps",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# Flags that describe one invocation, not the run: never saved to or restored from run.json.
+_PER_CALL = ("resume", "until")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_json = Path(args.out) / "run.json"
+    if args.resume and run_json.is_file():
+        # Saved settings become the defaults; flags given now still win.
+        saved = json.loads(run_json.read_text(encoding="utf-8"))
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in _PER_CALL})
+        args = parser.parse_args(argv)
+    return args
+
+
+def _build_from_config(path: str, seed: int):
+    """Random-initialised (dit, vae, text_encoder, defaults) from a model-folder config.json."""
+    from s2dit_mlx.loading import _build_component, _build_dit, _check_defaults, _read_json
+
+    where = f"config {path}"
+    cfg = _read_json(Path(path), where)
+    for kind in ("dit", "vae", "text_encoder"):
+        if kind not in cfg:
+            raise S2DiTError(f'{where}: no "{kind}" entry')
+    mx.random.seed(seed)
+    dit = _build_dit(cfg["dit"], where)
+    vae = _build_component("vae", cfg["vae"], where)
+    text_encoder = _build_component("text_encoder", cfg["text_encoder"], where)
+    mx.eval(dit.parameters(), vae.parameters(), text_encoder.parameters())
+    return dit, vae, text_encoder, _check_defaults(cfg.get("defaults"), where)
+
+
+def _load_components(args: argparse.Namespace, rank: int, world_size: int):
+    from s2dit_mlx.loading import load_model, save_model
+
+    if bool(args.model) == bool(args.config):
+        raise S2DiTError("give exactly one of --model DIR or --config JSON")
+    if args.model:
+        b = load_model(args.model)
+        return b.dit, b.vae, b.text_encoder, b.defaults, str(args.model)
+    init = Path(args.out) / "init"
+    if not (init / "config.json").is_file():
+        # Persist the random start, so a resume (or another process) sees the same frozen parts.
+        if rank == 0:
+            dit, vae, te, defaults = _build_from_config(args.config, args.seed)
+            save_model(init, dit, vae, te, defaults=defaults)
+        if world_size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
+    b = load_model(init)
+    return b.dit, b.vae, b.text_encoder, b.defaults, str(init)
+
+
+def _sample_fn(args, vae, text_encoder, defaults, size, mode):
+    from s2dit_mlx.pipeline import Pipeline
+    from s2dit_mlx.video_io import write_video
+
+    prompts = args.sample_prompt or ["a red circle moving left on a black background"]
+
+    def sample(trainer: Trainer, step: int) -> None:
+        frames, height, width = size
+        dit = trainer.model.dit
+        te = trainer.model.text_encoder if trainer.model.trains_text_encoder else text_encoder
+        out = Path(args.out) / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        with trainer.ema_weights():
+            pipe = Pipeline(dit, vae, te, defaults=defaults)
+            for i, prompt in enumerate(prompts):
+                video = pipe.generate(
+                    prompt,
+                    frames=frames,
+                    height=height,
+                    width=width,
+                    steps=args.sample_steps,
+                    mode=mode,
+                    seed=i,
+                )
+                write_video(out / f"step-{step:07d}-{i}.gif", video, fps=defaults["fps"])
+
+    return sample
+
+
+def run(args: argparse.Namespace) -> Trainer:
+    """Build everything from parsed arguments and train; returns the finished Trainer."""
+    group = mx.distributed.init()
+    rank, world_size = group.rank(), group.size()
+    out = Path(args.out)
+    if not args.resume and latest_checkpoint(out) is not None:
+        raise S2DiTError(
+            f"{out} already holds checkpoints; pass --resume to continue or choose another --out"
+        )
+    dit, vae, text_encoder, defaults, base_id = _load_components(args, rank, world_size)
+    frames = args.frames or defaults["frames"]
+    height = args.height or defaults["height"]
+    width = args.width or defaults["width"]
+    mode = args.mode or defaults["mode"]
+
+    fingerprint = {"lora": bool(args.lora), "train_text_encoder": bool(args.train_text_encoder)}
+    lora_cfg = None
+    if args.lora:
+        lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.layers)
+        fingerprint["base_sha256"] = weights_hash(dit)
+        mx.random.seed(args.seed)  # adapter init (lora_a) depends on the seed only
+        apply_lora(dit, lora_cfg)
+    else:
+        dit.unfreeze()
+    text_encoder.freeze()
+    vae.freeze()
+    if args.train_text_encoder:
+        text_encoder.unfreeze()
+    model = FlowModel(dit, text_encoder if args.train_text_encoder else None)
+
+    flow_cfg = FlowConfig(
+        mode=mode,
+        t_dist=args.t_dist,
+        shift=args.shift,
+        clean_context_prob=args.clean_context_prob,
+    )
+    train_cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        accum=args.accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema=args.ema,
+        grad_checkpoint=args.grad_checkpoint,
+        compile=not args.no_compile,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep,
+        sample_every=args.sample_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    source = load_source(args.data, seed=args.seed, frames=frames, height=height, width=width)
+    prepare = VideoEncoder(
+        vae,
+        text_encoder,
+        train_text_encoder=args.train_text_encoder,
+        caption_dropout=args.caption_dropout,
+        seed=args.seed,
+    )
+    trainer = Trainer(
+        model,
+        make_flow_loss(flow_cfg),
+        source,
+        train_cfg,
+        out,
+        prepare=prepare,
+        sample_fn=_sample_fn(args, vae, text_encoder, defaults, (frames, height, width), mode),
+        checkpoint_modules=dit.blocks,
+        fingerprint=fingerprint,
+        group=group,
+    )
+    if rank == 0:
+        write_run_config(out, {k: v for k, v in vars(args).items() if k not in _PER_CALL})
+        n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        n_all = sum(v.size for _, v in tree_flatten(dit.parameters()))
+        print(
+            f"training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M DiT parameters "
+            f"({'LoRA' if args.lora else 'full'}, {mode}) on {world_size} process(es)",
+            file=sys.stderr,
+        )
+    if args.resume:
+        if trainer.resume():
+            if rank == 0:
+                print(f"resumed from {trainer.last_checkpoint}", file=sys.stderr)
+        elif rank == 0:
+            print(f"no checkpoint in {out}; starting from step 0", file=sys.stderr)
+    trainer.train(until=args.until)
+    if rank == 0 and trainer.step == train_cfg.steps:
+        _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, fingerprint)
+    return trainer
+
+
+def _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, fingerprint) -> None:
+    from s2dit_mlx.loading import save_model
+
+    out = Path(args.out)
+    dit = trainer.model.dit
+    te = trainer.model.text_encoder if trainer.model.trains_text_encoder else text_encoder
+    with trainer.ema_weights():
+        if lora_cfg is not None:
+            path = save_adapters(
+                out / "adapters", dit, lora_cfg, base_id, fingerprint.get("base_sha256", "")
+            )
+        else:
+            path = save_model(out / "model", dit, vae, te, defaults=defaults)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    try:
+        run(_parse(argv))
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except S2DiTError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted (the last checkpoint is intact; use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Flow-matching objective for the S2DiT, bidirectional or streaming ("diffusion forcing").
+
+x_s = (1 - s) x0 + s eps, the model is called with t = 1000 s and regresses v = eps - x0 (MSE).
+
+- bidirectional: one s per sample, full attention over the clip;
+- streaming: one s per chunk of `frames_per_chunk` latent frames, drawn independently, and the
+  model runs block-causally (chunk_frames=k), so every chunk learns to denoise given earlier
+  chunks at any noise level. With probability `clean_context_prob` a sample's first c chunks
+  (c uniform in 1..n-1) are clean (s = 0) and left out of the loss: that is the state a
+  streaming generator's cache holds (earlier chunks written at t = 0), so inference with a
+  clean cache is in distribution.
+
+All randomness comes from per-sample keys (train.rng), so a sample's noise does not depend on
+how the batch is split across processes or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from s2dit_mlx.errors import S2DiTError
+
+T_DISTS = ("logit_normal", "uniform", "shifted")
+MODES = ("bidirectional", "streaming")
+
+
+@dataclass
+class FlowConfig:
+    """How noise levels are drawn and which attention pattern the model trains with."""
+
+    mode: str = "bidirectional"  # or "streaming"
+    t_dist: str = "logit_normal"  # "uniform", or "shifted" (uniform, then the shift below)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # s' = shift s / (1 + (shift - 1) s) after drawing; 1 leaves s unchanged.
+    shift: float = 1.0
+    frames_per_chunk: int | None = None  # None: the model's frames_per_chunk
+    clean_context_prob: float = 0.25
+
+    def validate(self) -> None:
+        """Raise S2DiTError on an unknown mode or distribution or a bad number."""
+        if self.mode not in MODES:
+            raise S2DiTError(f"flow mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.t_dist not in T_DISTS:
+            raise S2DiTError(
+                f"timestep distribution must be one of {', '.join(T_DISTS)}, got {self.t_dist!r}"
+            )
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise S2DiTError(f"timestep shift must be a positive number, got {self.shift!r}")
+        if not 0 <= self.clean_context_prob <= 1:
+            raise S2DiTError("clean_context_prob must be in [0, 1]")
+        if self.frames_per_chunk is not None and self.frames_per_chunk < 1:
+            raise S2DiTError("frames_per_chunk must be at least 1")
+
+
+class FlowModel(nn.Module):
+    """The trained tree: the DiT, plus the text encoder when it is trained jointly."""
+
+    def __init__(self, dit: nn.Module, text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.dit = dit
+        if text_encoder is not None:
+            self.text_encoder = text_encoder
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return "text_encoder" in self
+
+    def context(self, batch: dict) -> mx.array:
+        """Text embeddings: precomputed, or encoded here from token ids when trained jointly."""
+        if "context" in batch:
+            return batch["context"]
+        if not self.trains_text_encoder:
+            raise S2DiTError("batch has token ids but the text encoder is not being trained")
+        return encode_tokens(self.text_encoder, batch)
+
+
+def encode_tokens(text_encoder: nn.Module, batch: dict) -> mx.array:
+    """Run a text encoder on train.data.tokenize's arrays ({"ids", "lengths"|"mask"})."""
+    if "lengths" in batch:
+        return text_encoder(batch["ids"], batch["lengths"])
+    mask = batch["mask"]
+    x = text_encoder(batch["ids"], mask)
+    return x * mask[..., None].astype(x.dtype)  # zero past each prompt's end, as encode() does
+
+
+def sample_sigmas(key: mx.array, n: int, cfg: FlowConfig) -> mx.array:
+    """n noise levels s in [0, 1] from one key."""
+    if cfg.t_dist == "logit_normal":
+        s = mx.sigmoid(cfg.logit_mean + cfg.logit_std * mx.random.normal((n,), key=key))
+    else:
+        s = mx.random.uniform(shape=(n,), key=key)
+    if cfg.shift != 1.0:
+        s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+    return s
+
+
+def _draw(key: mx.array, shape: tuple, n_chunks: int, cfg: FlowConfig, streaming: bool):
+    """Per-sample draws: noise, per-chunk s, and a per-chunk clean (t = 0) context mask."""
+    k_s, k_eps, k_clean, k_len = mx.random.split(key, 4)
+    eps = mx.random.normal(shape, key=k_eps)
+    if not streaming:
+        s = mx.broadcast_to(sample_sigmas(k_s, 1, cfg), (n_chunks,))
+        return eps, s, mx.zeros((n_chunks,), dtype=mx.bool_)
+    s = sample_sigmas(k_s, n_chunks, cfg)
+    if n_chunks < 2 or cfg.clean_context_prob == 0:
+        return eps, s, mx.zeros((n_chunks,), dtype=mx.bool_)
+    use = mx.random.uniform(key=k_clean) < cfg.clean_context_prob
+    prefix = mx.random.randint(1, n_chunks, key=k_len)  # 1..n-1 clean chunks
+    clean = mx.logical_and(use, mx.arange(n_chunks) < prefix)
+    return eps, mx.where(clean, 0.0, s), clean
+
+
+def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowConfig) -> mx.array:
+    """Mean over samples of the per-sample velocity MSE (noisy chunks only); keys: [B, 2]."""
+    x0 = batch["latents"]
+    dit = model.dit
+    b, frames = x0.shape[:2]
+    streaming = cfg.mode == "streaming"
+    k = cfg.frames_per_chunk or dit.args.frames_per_chunk
+    n_chunks = -(-frames // k) if streaming else 1
+    eps, s_chunk, clean = mx.vmap(lambda kk: _draw(kk, x0.shape[1:], n_chunks, cfg, streaming))(
+        keys
+    )
+    # Per latent frame: chunk c covers frames [c k, (c + 1) k).
+    frame_chunk = mx.arange(frames) // k if streaming else mx.zeros((frames,), dtype=mx.int32)
+    s = s_chunk[:, frame_chunk]  # [B, T]
+    keep = 1.0 - clean[:, frame_chunk].astype(mx.float32)  # [B, T]
+    s5 = s.reshape(b, frames, 1, 1, 1).astype(x0.dtype)
+    x_t = (1 - s5) * x0 + s5 * eps.astype(x0.dtype)
+    t = 1000.0 * (s if streaming else s[:, 0])
+    v = dit(x_t, t, model.context(batch), chunk_frames=k if streaming else None)
+    target = eps - x0
+    err = ((v.astype(mx.float32) - target.astype(mx.float32)) ** 2).mean(axis=(2, 3, 4))  # [B, T]
+    per_sample = (err * keep).sum(axis=1) / mx.maximum(keep.sum(axis=1), 1.0)
+    return per_sample.mean()
+
+
+def make_flow_loss(cfg: FlowConfig):
+    """loss_fn(model, batch, keys) for the Trainer."""
+    cfg.validate()
+
+    def loss_fn(model: FlowModel, batch: dict, keys: mx.array) -> mx.array:
+        return flow_matching_loss(model, batch, keys, cfg)
+
+    return loss_fn

@@ -1,0 +1,59 @@
+"""`python -m train.fuse`: merge a LoRA adapter into a model folder's DiT and save a new folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# isort: off
+import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+
+# isort: on
+from s2dit_mlx.errors import S2DiTError
+
+from .lora import fuse_lora, load_adapters
+
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m train.fuse`."""
+    p = argparse.ArgumentParser(
+        prog="python -m train.fuse",
+        description="Merge a LoRA adapter (adapters.safetensors + adapter_config.json) into the "
+        "DiT of a model folder and write the result as a new model folder.",
+    )
+    p.add_argument("--model", required=True, help="base model folder or Hugging Face id")
+    p.add_argument("--adapter", required=True, help="adapter folder (from python -m train.dit)")
+    p.add_argument("--out", required=True, help="where to write the fused model folder")
+    p.add_argument(
+        "--no-check-base",
+        action="store_true",
+        help="load the adapter even if it was trained on a different base model",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    from s2dit_mlx.loading import load_model, save_model
+
+    try:
+        args = build_parser().parse_args(argv)
+        bundle = load_model(args.model)
+        load_adapters(bundle.dit, args.adapter, check_base=not args.no_check_base)
+        fuse_lora(bundle.dit)
+        path = save_model(
+            args.out, bundle.dit, bundle.vae, bundle.text_encoder, defaults=bundle.defaults
+        )
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except S2DiTError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,9 @@ from .models.byte_text_encoder import ByteTextEncoder, ByteTextEncoderConfig
 from .models.patch_vae import PatchVAE, PatchVAEConfig
 from .models.umt5 import UMT5Config, UMT5TextEncoder
 
+# The built-in model shipped inside the package (trained by train/default_model.py).
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
@@ -116,7 +119,29 @@ def _read_json(path: Path, where: str) -> dict:
     return data
 
 
+def _read_sharded(index: Path, where: str, file: str) -> dict[str, mx.array]:
+    """The shards named in a `*.safetensors.index.json` (as convert/ and transformers write)."""
+    weight_map = _read_json(index, where).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise S2DiTError(f"{where}: {index.name} has no valid weight_map")
+    folder = file.rpartition("/")[0]
+    weights: dict[str, mx.array] = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or shard.startswith("."):
+            raise S2DiTError(f"{where}: {index.name} names a shard outside its folder: {shard}")
+        weights.update(_read_weights(index.parent / shard, where, f"{folder}/{shard}".lstrip("/")))
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise S2DiTError(
+            f"{where}: weight {missing[0]} listed in {index.name} is not in {weight_map[missing[0]]}"
+        )
+    return weights
+
+
 def _read_weights(path: Path, where: str, file: str) -> dict[str, mx.array]:
+    index = path.with_name(path.name + ".index.json")
+    if not path.is_file() and index.is_file():
+        return _read_sharded(index, where, file)
     if not path.is_file():
         raise S2DiTError(f"{where}: weights file {file} is missing")
     try:
@@ -134,15 +159,45 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def load_weights_strict(module: nn.Module, path: Path, where: str, file: str | None = None) -> None:
-    """Load safetensors into module, raising S2DiTError on any key or shape mismatch.
+def _check_quantization(quantization: Any, where: str) -> dict | None:
+    if quantization is None:
+        return None
+    if (
+        not isinstance(quantization, dict)
+        or quantization.get("bits") not in (2, 3, 4, 5, 6, 8)
+        or quantization.get("group_size") not in (32, 64, 128)
+    ):
+        raise S2DiTError(
+            f'{where}: "quantization" must be {{"group_size": 32|64|128, "bits": 2-8}}, '
+            f"got {quantization!r}"
+        )
+    return quantization
 
-    `where` prefixes every message (e.g. "model folder X"); `file` names the file in it.
+
+def load_weights_strict(
+    module: nn.Module,
+    path: Path,
+    where: str,
+    file: str | None = None,
+    quantization: dict | None = None,
+) -> None:
+    """Load safetensors (one file or shards with an index) into module, strictly.
+
+    Raises S2DiTError on any key or shape mismatch. `where` prefixes every message (e.g.
+    "model folder X"); `file` names the file in it. With `quantization` ({"group_size",
+    "bits"}), the Linear layers whose weights come with `.scales` become QuantizedLinear first.
     """
     file = file or path.name
     weights = _read_weights(path, where, file)
     if hasattr(module, "sanitize"):
         weights = module.sanitize(weights)
+    if quantization:
+        nn.quantize(
+            module,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
     expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -159,7 +214,8 @@ def load_weights_strict(module: nn.Module, path: Path, where: str, file: str | N
                 f"{where}: weight {name} in {file} has shape {_shape(got)}, expected {_shape(want)}"
             )
     for name, w in weights.items():
-        if not mx.issubdtype(w.dtype, mx.floating):
+        packed = w.dtype == mx.uint32 and f"{name.rpartition('.')[0]}.scales" in weights
+        if not mx.issubdtype(w.dtype, mx.floating) and not packed:
             raise S2DiTError(f"{where}: weight {name} in {file} has non-float dtype {w.dtype}")
     module.load_weights(list(weights.items()), strict=True)
     mx.eval(module.parameters())
@@ -267,6 +323,8 @@ def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
             raise S2DiTError(f'{where}: config.json has no "{kind}" entry')
     defaults = _check_defaults(config.get("defaults"), where)
 
+    quantization = _check_quantization(config.get("quantization"), where)
+    experts = _check_experts(config.get("experts"), where)
     dit = _build_dit(config["dit"], where)
     components = {}
     for kind in ("vae", "text_encoder"):
@@ -282,7 +340,17 @@ def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
     _check_compatible(dit, vae, text_encoder, where)
 
     for module, sub in ((dit, ""), (vae, "vae/"), (text_encoder, "text_encoder/")):
-        load_weights_strict(module, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME)
+        load_weights_strict(
+            module, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME, quantization
+        )
+    if experts is not None:
+        # Wan2.2 A14B: `dit` is the high-noise expert, the low-noise one sits in a subfolder.
+        from .models.wan import WanExperts
+
+        low = _build_dit(config["dit"], where)
+        sub = experts["low_noise"] + "/"
+        load_weights_strict(low, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME, quantization)
+        dit = WanExperts(dit, low, experts["boundary"], tuple(experts["guidance"]))
     for kind, module in components.items():
         # Files a component keeps beside its weights (the umT5 tokenizer.json).
         if hasattr(module, "load_assets"):
@@ -301,9 +369,31 @@ def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
     )
 
 
+def _check_experts(experts: Any, where: str) -> dict | None:
+    if experts is None:
+        return None
+    ok = (
+        isinstance(experts, dict)
+        and isinstance(experts.get("boundary"), (int, float))
+        and 0 < experts["boundary"] < 1
+        and isinstance(experts.get("guidance"), list)
+        and len(experts["guidance"]) == 2
+        and all(isinstance(g, (int, float)) for g in experts["guidance"])
+        and isinstance(experts.get("low_noise"), str)
+        and re.fullmatch(r"[A-Za-z0-9_-]+", experts["low_noise"]) is not None
+    )
+    if not ok:
+        raise S2DiTError(
+            f'{where}: "experts" must be {{"boundary": 0..1, "guidance": [low, high], '
+            f'"low_noise": "<subfolder>"}}, got {experts!r}'
+        )
+    return experts
+
+
 def _check_compatible(dit, vae, text_encoder, where: str) -> None:
     args = dit.args
-    if vae.z_dim != args.in_dim or vae.z_dim != args.out_dim:
+    # Wan2.2 I2V adds a 4-channel mask and the image latents to the DiT input.
+    if vae.z_dim != args.out_dim or args.in_dim not in (vae.z_dim, 2 * vae.z_dim + 4):
         raise S2DiTError(
             f"{where}: VAE z_dim {vae.z_dim} does not match the DiT's in_dim/out_dim "
             f"{args.in_dim}/{args.out_dim}"

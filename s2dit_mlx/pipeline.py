@@ -204,9 +204,16 @@ class Pipeline:
         x = mx.random.normal(shape, key=mx.random.key(s.seed)).astype(dtype)
         for t in solver.timesteps:
             t_vec = mx.full((shape[0],), float(t), dtype=mx.float32)
-            v = self.dit(x, t_vec, context)
+            dit, guidance = self.dit, s.guidance
+            if hasattr(self.dit, "select"):
+                # Wan2.2 A14B: one expert per noise level, each with its own published CFG
+                # scale, unless the caller asked for another guidance than the default.
+                dit, expert_guidance = self.dit.select(float(t))
+                if s.guidance == self.defaults["guidance"]:
+                    guidance = expert_guidance
+            v = dit(x, t_vec, context)
             if neg is not None:
-                v = sampling.cfg(v, self.dit(x, t_vec, neg), s.guidance)
+                v = sampling.cfg(v, dit(x, t_vec, neg), guidance)
             x = solver.step(v, x).astype(dtype)
             mx.eval(x)
             if bar is not None:

@@ -1,0 +1,7 @@
+"""Converters from foreign checkpoints to s2dit-mlx model folders.
+
+    python -m convert.wan SRC --out DIR [--dtype bf16|fp16|fp32] [-q 4|8]
+
+`convert.weights` holds the lazy readers (safetensors, weights-only .pth) and the sharded
+writer; `convert.wan` knows the Wan 2.x layouts (original and diffusers).
+"""

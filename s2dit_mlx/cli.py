@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--no-gemm", action="store_true", help="skip the GEMM measurement")
     info.set_defaults(func=cmd_info)
+
+    export = sub.add_parser(
+        "export",
+        help="export a model for another runtime (Core ML for iPhone)",
+        description="Export a model for another runtime.",
+    )
+    export.set_defaults(func=lambda _args: export.print_help() or EXIT_ERROR)
+    from .coreml.cli import add_coreml_parser  # no coremltools import until the command runs
+
+    add_coreml_parser(export.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser))
     return parser
 
 

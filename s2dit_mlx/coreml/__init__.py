@@ -1,0 +1,11 @@
+"""Core ML export of S2DiT for iPhone (DESIGN.md section 7).
+
+- emit.py: MIL builder emitters, one per S2DiT module, from the model's own weights;
+- vae.py: the streaming VAE decoder emitter;
+- export.py: packages (multifunction DiT: denoise/write; VAE decoder) + manifest.json;
+- interpret.py: numpy interpreter of the saved packages (verification without Core ML);
+- check.py: structural checks of saved packages; verify.py: MLX vs package streaming loops;
+- cli.py: `s2dit export coreml`.
+
+coremltools is optional (the `coreml` extra): nothing here imports it until used.
+"""

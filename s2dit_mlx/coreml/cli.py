@@ -1,0 +1,189 @@
+"""`s2dit export coreml`: a model folder -> Core ML packages + manifest for an iPhone app.
+
+Hooked into the main CLI as the `export` command; `main(argv)` takes the arguments after
+`s2dit export` (so argv starts with "coreml"). Every user error is one `error: ...` line on
+stderr, exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import S2DiTError
+
+EXIT_ERROR = 2
+COMPRESSIONS = ("none", "int8", "palette6", "palette4")
+
+EPILOG = """\
+Sizes you leave out come from the model folder (defaults.height/width, dit.frames_per_chunk,
+dit.window). The folder DIR gets S2DiT.mlpackage (functions denoise and write, streaming
+state as fp16 Core ML states), VAEDecoder.mlpackage and manifest.json (shapes, state sizes,
+schedule, fps, the loop). With --prompt, the text encoder output is saved as prompt.f16
+(the text encoder itself stays on the Mac).
+
+examples:
+  s2dit export coreml --model ./my-model --out ./ios-model
+  s2dit export coreml --model ./my-model --out ./ios-model --compress palette6 --prompt "a red fox"
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `coreml` sub-command (options and handler) to an `export` sub-parser group."""
+    p = subparsers.add_parser(
+        "coreml",
+        help="export to Core ML packages for iOS 18 (stateful streaming)",
+        description="Export a model folder to Core ML packages with a stateful streaming cache.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="MODEL",
+        help="model folder or Hugging Face repository id",
+    )
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--height", type=int, metavar="PX", help="frame height in pixels")
+    p.add_argument("--width", type=int, metavar="PX", help="frame width in pixels")
+    p.add_argument("--chunk-frames", type=int, metavar="N", help="latent frames per chunk")
+    p.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="softmax layers see the last N chunks (the current one included), >= 2",
+    )
+    p.add_argument("--sink", type=int, metavar="N", help="first chunks always kept visible")
+    p.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="weight compression: int8 per channel, 6- or 4-bit k-means palettes",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("float16", "float32"),
+        default="float16",
+        help="compute precision of the graph (states are always float16)",
+    )
+    p.add_argument("--steps", type=int, metavar="N", help="few-step schedule length")
+    p.add_argument("--prompt", metavar="TEXT", help="also save this prompt's text embeddings")
+    p.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="also save a negative prompt's embeddings (for guidance)",
+    )
+    p.add_argument(
+        "--skip-vae",
+        action="store_true",
+        help="export the DiT only (e.g. for a VAE type the exporter does not support yet)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary line")
+    p.set_defaults(func=cmd_export_coreml)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser for the arguments after `s2dit export`."""
+    parser = _Parser(prog="s2dit export", description="Export a model to another runtime.")
+    sub = parser.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
+    add_coreml_parser(sub)
+    return parser
+
+
+def cmd_export_coreml(args: argparse.Namespace) -> int:
+    """Load the model folder, export it, print one summary line."""
+    from ._ct import require
+
+    require()  # fail early and clearly when coremltools is missing
+    import numpy as np
+
+    from ..loading import load_model
+    from ..sampling import few_step_timesteps
+    from .export import check_export, export_coreml
+
+    bundle = load_model(args.model)
+    defaults = bundle.defaults
+    height = args.height if args.height is not None else defaults["height"]
+    width = args.width if args.width is not None else defaults["width"]
+    vae = None if args.skip_vae else bundle.vae
+    check_export(
+        bundle.dit,
+        vae,
+        height,
+        width,
+        args.chunk_frames,
+        args.window,
+        args.sink,
+        args.compress,
+        args.precision,
+        bundle.vae.spatial_factor,
+    )
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    if steps < 1:
+        raise S2DiTError(f"steps must be a positive integer, got {steps}")
+    shift = defaults["shift"]
+    prompts = {}
+    if args.prompt is not None:
+        prompts["prompt"] = bundle.text_encoder.encode([args.prompt])
+    if args.negative_prompt is not None:
+        prompts["negative_prompt"] = bundle.text_encoder.encode([args.negative_prompt])
+    manifest = export_coreml(
+        bundle.dit,
+        vae,
+        args.out,
+        height=height,
+        width=width,
+        chunk_frames=args.chunk_frames,
+        window=args.window,
+        sink=args.sink,
+        compress_mode=args.compress,
+        precision=args.precision,
+        timesteps=few_step_timesteps(steps, shift),
+        schedule={"steps": steps, "shift": shift},
+        fps=float(defaults["fps"]),
+        guidance=float(defaults["guidance"]),
+        prompts={k: np.array(v) for k, v in prompts.items()},
+        model_name=args.model,
+        spatial_factor=bundle.vae.spatial_factor,
+    )
+    if not args.quiet:
+        dit = manifest["packages"]["dit"]
+        print(
+            f"wrote {args.out}: S2DiT.mlpackage ({dit['size_bytes'] / 1e6:.1f} MB, "
+            f"{len(dit['states'])} states, {dit['state_bytes'] / 1e6:.2f} MB of state), "
+            f"{'' if vae is None else 'VAEDecoder.mlpackage, '}manifest.json; {manifest['video']['width']}x"
+            f"{manifest['video']['height']}, {manifest['latent']['frames_per_chunk']} latent "
+            f"frames per chunk, {args.compress}, {args.precision}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`s2dit export ...` entry point (argv after `export`); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return EXIT_ERROR
+        return args.func(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except S2DiTError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

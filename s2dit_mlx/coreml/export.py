@@ -1,0 +1,458 @@
+"""Write the Core ML packages and the manifest an app needs (DESIGN.md section 7).
+
+    DIR/S2DiT.mlpackage        functions `denoise` and `write` sharing one set of weights
+    DIR/VAEDecoder.mlpackage   one latent frame -> 4 pixel frames, causal history as state
+    DIR/manifest.json          shapes, states, schedule, fps, the streaming loop in words
+    DIR/prompt.f16             optional: text encoder output for a prompt (raw fp16)
+
+Everything is written into a temporary folder beside DIR and renamed into place at the end, so
+a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..errors import S2DiTError
+from . import emit
+from ._ct import quiet_progress
+from .emit import ATTENTION_EMITTERS, StreamShapes, ct, dit_state_specs
+from .vae import check_vae, decoder_function, vae_state_specs
+
+COMPRESSIONS = ("none", "int8", "palette6", "palette4")
+PRECISIONS = {"float16": "fp16", "float32": "fp32"}
+DIT_PACKAGE = "S2DiT.mlpackage"
+VAE_PACKAGE = "VAEDecoder.mlpackage"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def module_weights(module) -> dict[str, np.ndarray]:
+    """Flat float32 numpy copies of an MLX module's parameters."""
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(module.parameters())}
+
+
+def convert(prog):
+    """A MIL program -> an (unloaded) ML program model for iOS 18; dtypes stay as emitted."""
+    with quiet_progress():
+        return ct.convert(
+            prog,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            # The emitter chose every dtype (fp16 compute, fp32 sinusoids); leave them alone.
+            compute_precision=ct.precision.FLOAT32,
+            skip_model_load=True,
+        )
+
+
+def compress(model, mode: str, weight_threshold: int = 2048):
+    """Compress linear and conv weights: int8 per-channel, or 6-/4-bit k-means palettes."""
+    if mode == "none":
+        return model
+    from coremltools.optimize import coreml as opt
+
+    if mode == "int8":
+        cfg = opt.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", weight_threshold=weight_threshold
+        )
+        fn = opt.linear_quantize_weights
+    elif mode in ("palette6", "palette4"):
+        cfg = opt.OpPalettizerConfig(
+            mode="kmeans", nbits=int(mode[-1]), weight_threshold=weight_threshold
+        )
+        fn = opt.palettize_weights
+    else:
+        raise S2DiTError(f"unknown compression {mode!r} (choose {', '.join(COMPRESSIONS)})")
+    # Only weights feeding linear/conv ops: masks, RoPE matrices, modulations stay exact.
+    config = opt.OptimizationConfig(op_type_configs={"linear": cfg, "conv": cfg})
+    with quiet_progress():
+        return fn(model, config)
+
+
+def package_size(path: Path) -> int:
+    """Bytes on disk of a package folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _save_multifunction(parts: dict[str, Path], default: str, target: Path) -> None:
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in parts.items():
+        desc.add_function(str(path), "main", name)
+    desc.default_function_name = default
+    with quiet_progress():
+        # Identical weights in both functions are stored once (const deduplication).
+        ct.utils.save_multifunction(desc, str(target))
+
+
+def save_dit_package(
+    args, weights, shapes: StreamShapes, target: Path, dtype: str, mode: str, threshold: int
+) -> None:
+    """Emit, convert, compress and save the two-function streaming DiT package."""
+    work = target.with_name(target.name + ".parts")
+    work.mkdir()
+    try:
+        parts = {}
+        for name, write in (("denoise", False), ("write", True)):
+            model = convert(emit.dit_function(args, weights, shapes, dtype, write))
+            model = compress(model, mode, threshold)
+            parts[name] = work / f"{name}.mlpackage"
+            model.save(str(parts[name]))
+        _save_multifunction(parts, "denoise", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save_vae_package(
+    vae, weights, latent_height, latent_width, target: Path, dtype: str, mode: str, threshold: int
+) -> None:
+    """Emit, convert, compress and save the streaming VAE decoder package."""
+    model = convert(decoder_function(vae, weights, latent_height, latent_width, dtype))
+    compress(model, mode, threshold).save(str(target))
+
+
+def _feature(f) -> dict:
+    """A spec input/output feature -> {name, shape, dtype}."""
+    arr = f.type.multiArrayType
+    names = {65552: "float16", 65568: "float32", 131104: "int32"}
+    return {"name": f.name, "shape": list(arr.shape), "dtype": names.get(arr.dataType, "?")}
+
+
+def describe_package(path: Path) -> dict:
+    """Functions with their inputs and outputs, read back from the saved spec."""
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    desc = spec.description
+    funcs = {}
+    for fd in list(desc.functions) or [desc]:
+        funcs[getattr(fd, "name", "") or "main"] = {
+            "inputs": [_feature(f) for f in fd.input],
+            "outputs": [_feature(f) for f in fd.output],
+        }
+    return {"spec_version": spec.specificationVersion, "functions": funcs}
+
+
+def check_export(
+    dit,
+    vae,
+    height: int,
+    width: int,
+    chunk_frames: int | None,
+    window: int | None,
+    sink: int | None,
+    compress_mode: str,
+    precision: str,
+    spatial_factor: int = 8,
+) -> StreamShapes:
+    """Validate every export choice; raise S2DiTError with one line on the first bad one.
+
+    vae None exports the DiT alone; `spatial_factor` then gives the VAE's pixel/latent ratio.
+    """
+    args = dit.args
+    for kind in args.layers:
+        if kind not in ATTENTION_EMITTERS:
+            raise S2DiTError(f"Core ML export does not support block type '{kind}'")
+    if compress_mode not in COMPRESSIONS:
+        raise S2DiTError(
+            f"unknown compression {compress_mode!r} (choose {', '.join(COMPRESSIONS)})"
+        )
+    if precision not in PRECISIONS:
+        raise S2DiTError(f"unknown precision {precision!r} (choose {', '.join(PRECISIONS)})")
+    if vae is not None:
+        check_vae(vae)
+    if args.patch_size[0] != 1:
+        raise S2DiTError("Core ML export needs a temporal patch size of 1")
+    if args.lcha_rope and (args.lcha_feature_dim or args.head_dim) != args.head_dim:
+        raise S2DiTError("Core ML export: LCHA with RoPE needs lcha_feature_dim == head_dim")
+    spatial_factor = vae.spatial_factor if vae is not None else spatial_factor
+    multiple = spatial_factor * args.spatial_multiple()
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise S2DiTError(f"{name} must be a positive integer, got {value!r}")
+        if value % multiple:
+            raise S2DiTError(
+                f"{name} {value} is not divisible by {multiple} (VAE factor x patch x SSA stride)"
+            )
+    frames = args.frames_per_chunk if chunk_frames is None else chunk_frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise S2DiTError(f"chunk frames must be a positive integer, got {frames!r}")
+    softmax = any(k in ("full", "ssa") for k in args.layers)
+    window = args.window if window is None else window
+    sink = args.sink if sink is None else sink
+    if softmax:
+        if window is None:
+            raise S2DiTError(
+                "the model keeps every chunk (window null); a static Core ML export needs "
+                "--window N (chunks, >= 2)"
+            )
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise S2DiTError(f"window must be an integer >= 2 chunks, got {window!r}")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise S2DiTError(f"sink must be an integer >= 0, got {sink!r}")
+    else:
+        window, sink = 2, 0  # no softmax layer: nothing uses them
+    return StreamShapes(
+        frames=frames,
+        latent_height=height // spatial_factor,
+        latent_width=width // spatial_factor,
+        window=window,
+        sink=sink,
+        text_len=args.text_len,
+    )
+
+
+def _prepare_target(out_dir: Path) -> None:
+    if out_dir.exists() and not (out_dir.is_dir() and (out_dir / MANIFEST).is_file()):
+        kind = "folder" if out_dir.is_dir() else "file"
+        raise S2DiTError(
+            f"output {out_dir} already exists and is not a Core ML export ({kind}); "
+            "choose a new folder"
+        )
+    parent = out_dir.absolute().parent
+    if not parent.is_dir():
+        raise S2DiTError(f"output folder's parent {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise S2DiTError(f"output folder's parent {parent} is not writable")
+
+
+def export_coreml(
+    dit,
+    vae,
+    out_dir: str | os.PathLike,
+    *,
+    height: int,
+    width: int,
+    chunk_frames: int | None = None,
+    window: int | None = None,
+    sink: int | None = None,
+    compress_mode: str = "none",
+    precision: str = "float16",
+    timesteps: list[float] | None = None,
+    schedule: dict | None = None,
+    fps: float = 16.0,
+    guidance: float = 1.0,
+    prompts: dict[str, np.ndarray] | None = None,
+    weight_threshold: int = 2048,
+    model_name: str = "",
+    spatial_factor: int = 8,
+) -> dict:
+    """Export a DiT + VAE decoder (vae None: the DiT alone) to DIR; returns the manifest.
+
+    `prompts` maps a file stem ("prompt", "negative_prompt") to text encoder output [1, L, D],
+    saved zero-padded to text_len as raw little-endian fp16.
+    """
+    shapes = check_export(
+        dit,
+        vae,
+        height,
+        width,
+        chunk_frames,
+        window,
+        sink,
+        compress_mode,
+        precision,
+        spatial_factor,
+    )
+    out_dir = Path(out_dir).expanduser()
+    _prepare_target(out_dir)
+    args = dit.args
+    dtype = PRECISIONS[precision]
+    tmp = out_dir.absolute().with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        save_dit_package(
+            args,
+            module_weights(dit),
+            shapes,
+            tmp / DIT_PACKAGE,
+            dtype,
+            compress_mode,
+            weight_threshold,
+        )
+        t_dit = time.perf_counter() - t0
+        if vae is not None:
+            save_vae_package(
+                vae,
+                module_weights(vae),
+                shapes.latent_height,
+                shapes.latent_width,
+                tmp / VAE_PACKAGE,
+                dtype,
+                compress_mode,
+                weight_threshold,
+            )
+        t_vae = time.perf_counter() - t0 - t_dit
+        self_check(dit, vae, shapes, tmp)
+        prompt_files = {}
+        for stem, emb in (prompts or {}).items():
+            from .verify import pad_context
+
+            arr = pad_context(np.asarray(emb, np.float32), args.text_len).astype("<f2")
+            (tmp / f"{stem}.f16").write_bytes(arr.tobytes())
+            prompt_files[stem] = {
+                "file": f"{stem}.f16",
+                "shape": list(arr.shape),
+                "dtype": "float16",
+            }
+        manifest = build_manifest(
+            height,
+            width,
+            dit,
+            vae,
+            shapes,
+            tmp,
+            precision,
+            compress_mode,
+            timesteps or [],
+            schedule or {},
+            fps,
+            guidance,
+            prompt_files,
+            model_name,
+        )
+        manifest["export_seconds"] = {"dit": round(t_dit, 3), "vae_decoder": round(t_vae, 3)}
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        if out_dir.exists():
+            old = out_dir.absolute().with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def expected_structure(dit, vae, shapes: StreamShapes) -> dict[str, tuple[dict, dict]]:
+    """Package file -> (state name -> shape, function -> states it writes)."""
+    dit_states = {s.name: s.shape for s in dit_state_specs(dit.args, shapes)}
+    out = {DIT_PACKAGE: (dit_states, {"denoise": set(), "write": set(dit_states)})}
+    if vae is not None:
+        specs = vae_state_specs(vae, shapes.latent_height, shapes.latent_width)
+        vae_states = {s.name: s.shape for s in specs}
+        out[VAE_PACKAGE] = (vae_states, {"main": set(vae_states)})
+    return out
+
+
+def self_check(dit, vae, shapes: StreamShapes, folder: Path) -> None:
+    """Run the structural checks on the saved packages; a failure is an exporter bug."""
+    from .check import check_package
+
+    for file, (states, writes) in expected_structure(dit, vae, shapes).items():
+        problems = check_package(folder / file, states, writes)
+        if problems:
+            raise S2DiTError(f"Core ML export self-check failed for {file}: {problems[0]}")
+
+
+def build_manifest(
+    height: int,
+    width: int,
+    dit,
+    vae,
+    shapes: StreamShapes,
+    folder: Path,
+    precision: str,
+    compress_mode: str,
+    timesteps: list[float],
+    schedule: dict,
+    fps: float,
+    guidance: float,
+    prompt_files: dict,
+    model_name: str,
+) -> dict:
+    """Everything an app needs to drive the packages, as a JSON-ready dict."""
+    args = dit.args
+    dit_states = [s.to_dict() for s in dit_state_specs(args, shapes)]
+    vae_states = [
+        s.to_dict()
+        for s in (vae_state_specs(vae, shapes.latent_height, shapes.latent_width) if vae else [])
+    ]
+    softmax = any(k in ("full", "ssa") for k in args.layers)
+    return {
+        "format": "s2dit-coreml",
+        "format_version": FORMAT_VERSION,
+        "model": model_name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "coremltools": ct.__version__,
+        "minimum_deployment_target": "iOS18",
+        "precision": precision,
+        "compression": compress_mode,
+        "layers": list(args.layers),
+        "video": {
+            "height": height,
+            "width": width,
+            "fps": fps,
+            "pixel_frames_per_latent_frame": vae.temporal_factor if vae else 4,
+            "first_latent_frame_pixel_frames": 1,
+        },
+        "latent": {
+            "channels": args.in_dim,
+            "height": shapes.latent_height,
+            "width": shapes.latent_width,
+            "frames_per_chunk": shapes.frames,
+        },
+        "schedule": {
+            "timesteps": [float(t) for t in timesteps],
+            **schedule,
+            "guidance": guidance,
+            "sigma": "t / 1000",
+            "renoise": "x = (1 - s_next) * x0 + s_next * noise, s_next = t_next / 1000",
+        },
+        "streaming": {
+            "window": shapes.window if softmax else None,
+            "sink": shapes.sink if softmax else None,
+            "slots": shapes.slots if softmax else 0,
+            "chunk_input": "0-based index of the chunk being generated (RoPE offset, ring slot)",
+            "states_start": "zero",
+            "lcha_state": "running means over all written tokens (not sums: fp16 safe)",
+        },
+        "text": {
+            "text_len": shapes.text_len,
+            "text_dim": args.text_dim,
+            "context": "text encoder output, zero-padded to text_len",
+            "prompt_files": prompt_files,
+        },
+        "packages": {
+            "dit": {
+                "file": DIT_PACKAGE,
+                **describe_package(folder / DIT_PACKAGE),
+                "states": dit_states,
+                "state_bytes": sum(s["bytes"] for s in dit_states),
+                "size_bytes": package_size(folder / DIT_PACKAGE),
+            },
+            "vae_decoder": None
+            if vae is None
+            else {
+                "file": VAE_PACKAGE,
+                **describe_package(folder / VAE_PACKAGE),
+                "type": vae.config.type,
+                "states": vae_states,
+                "state_bytes": sum(s["bytes"] for s in vae_states),
+                "size_bytes": package_size(folder / VAE_PACKAGE),
+                "first_call": "keep only the last of the 4 frames (it stands for frame 0)",
+            },
+        },
+        "loop": [
+            "state = dit.makeState(); zero it; vaeState = vae.makeState(); zero it",
+            "for chunk c = 0, 1, ...: x = noise",
+            "  for each t in schedule.timesteps: x0 = dit.denoise(latents=x, t, context, chunk=c)"
+            ".x0; if a next t: x = (1 - s) * x0 + s * noise with s = t_next / 1000",
+            "  dit.write(latents=x0, t=0, context, chunk=c)  # updates the states",
+            "  for each latent frame i of x0: frames = vae(latents=x0[:, i:i+1]).frames",
+            "with guidance != 1: a second state for the negative prompt; "
+            "v = v_neg + g * (v - v_neg); x0 = x - t/1000 * v",
+        ],
+    }

@@ -34,6 +34,7 @@ from .errors import S2DiTError
 from .models.byte_text_encoder import ByteTextEncoder, ByteTextEncoderConfig
 from .models.patch_vae import PatchVAE, PatchVAEConfig
 from .models.umt5 import UMT5Config, UMT5TextEncoder
+from .models.wan_vae import WanVAE, WanVAEConfig
 
 # The built-in model shipped inside the package (trained by train/default_model.py).
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
@@ -44,7 +45,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
 
 # kind -> type name -> (config class with from_dict/to_dict, module class taking the config)
 _COMPONENTS: dict[str, dict[str, tuple[type, type]]] = {
-    "vae": {"patch": (PatchVAEConfig, PatchVAE)},
+    "vae": {"patch": (PatchVAEConfig, PatchVAE), "wan": (WanVAEConfig, WanVAE)},
     "text_encoder": {
         "byte": (ByteTextEncoderConfig, ByteTextEncoder),
         "umt5": (UMT5Config, UMT5TextEncoder),

@@ -38,8 +38,8 @@ sidecar with the prompt, seed, settings, timings and peak memory is written besi
 """
 
 NO_MODEL = (
-    "no built-in model is installed yet; pass --model with a model folder or a "
-    "Hugging Face repository id (see s2dit generate --help)"
+    "the built-in model is missing from this installation; pass --model with a model folder "
+    "or a Hugging Face repository id (see s2dit generate --help)"
 )
 
 
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         "-m",
         metavar="MODEL",
-        help="model folder or Hugging Face repository id (e.g. ./my-model or user/s2dit-ar)",
+        help="model folder or Hugging Face repository id (default: the built-in moving-shapes "
+        "model)",
     )
     gen.add_argument(
         "--output",
@@ -192,7 +193,11 @@ def _memory(gb: float | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """`s2dit generate`: prompt -> video file + JSON sidecar."""
     if not args.model:
-        raise S2DiTError(NO_MODEL)
+        from .loading import DEFAULT_MODEL_DIR
+
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise S2DiTError(NO_MODEL)
+        args.model = str(DEFAULT_MODEL_DIR)
     from . import video_io
     from .pipeline import Pipeline
 

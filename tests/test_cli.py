@@ -263,7 +263,7 @@ BAD_INPUTS = {
     "fps-zero": (["--fps", "0"], "fps must be a positive number"),
     "bad-dtype": (["--dtype", "float8"], "argument --dtype: invalid choice"),
     "unknown-option": (["--colour", "red"], "unrecognized arguments: --colour red"),
-    "no-model": ([None], "no built-in model is installed"),
+    "no-model": ([None], "the built-in model is missing"),
     "missing-model": (["--model", "{missing}"], "does not exist"),
     "empty-output": (["-o", ""], "output path is empty"),
     "output-dir-missing": (["-o", "{tmp}/no/such/dir/v.mp4"], "output directory does not exist"),
@@ -281,7 +281,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input(capsys, tiny_model_dir, tmp_path, case):
+def test_bad_input(capsys, monkeypatch, tiny_model_dir, tmp_path, case):
     extra, expected = BAD_INPUTS[case]
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "adir.mp4").mkdir()
@@ -289,8 +289,9 @@ def test_bad_input(capsys, tiny_model_dir, tmp_path, case):
     (tmp_path / "full" / "keep.txt").write_text("x")
     model = str(tiny_model_dir)
     out = str(tmp_path / "out.mp4")
-    if extra[0] is None:  # no --model at all
+    if extra[0] is None:  # no --model at all, and the built-in model missing
         model, extra = None, extra[1:]
+        monkeypatch.setattr("s2dit_mlx.loading.DEFAULT_MODEL_DIR", tmp_path / "no-default")
     argv, i = [], 0
     while i < len(extra):
         flag, value = extra[i], extra[i + 1] if i + 1 < len(extra) else None

@@ -15,7 +15,14 @@ import numpy as np
 _MASK = (1 << 64) - 1
 
 # Independent streams, so e.g. the noise of sample 3 is unrelated to the dropout of step 3.
-STREAMS = {"noise": 0x6E6F697365, "dropout": 0x64726F70, "caption": 0x63617074, "init": 0x696E6974}
+STREAMS = {
+    "noise": 0x6E6F697365,
+    "dropout": 0x64726F70,
+    "caption": 0x63617074,
+    "init": 0x696E6974,
+    "crop-x": 0x63726F7078,
+    "crop-y": 0x63726F7079,
+}
 
 
 def splitmix64(x: int) -> int:

@@ -1,0 +1,120 @@
+"""Prompt adherence and speed of a moving-shapes model (the built-in default by default).
+
+Writes benchmarks/results/quality.json:
+- 2-second clips for random prompts and seeds, each read back by s2dit_mlx.evaluate:
+  colour / shape / motion / all-three accuracy;
+- one 10-second streamed clip per prompt in a smaller set: the fraction of frames where the
+  object stays one coherent object;
+- speed on this machine: seconds per 2-second clip and streaming frames/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+# isort: split
+from s2dit_mlx.data.shapes import random_prompt
+from s2dit_mlx.evaluate import coherence, evaluate, summarise
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.pipeline import Pipeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--long-prompts", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--long-seconds", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
+    opts = parser.parse_args()
+
+    pipe = Pipeline.from_pretrained(opts.model)
+    fps = pipe.defaults["fps"]
+    rng = np.random.default_rng(opts.seed)
+
+    def frames_for(seconds: float) -> int:
+        return 1 + 4 * max(1, round(seconds * fps / 4))
+
+    short = frames_for(opts.seconds)
+    reports, clip_times = [], []
+    for i in range(opts.prompts):
+        prompt, seed = random_prompt(rng), int(rng.integers(0, 2**31))
+        start = time.perf_counter()
+        video = pipe.generate(prompt, frames=short, seed=seed)
+        clip_times.append(time.perf_counter() - start)
+        report = evaluate(video, prompt)
+        reports.append(
+            {
+                "prompt": prompt,
+                "seed": seed,
+                **{k: report[k] for k in ("colour", "shape", "motion", "all")},
+                "predicted": report["predicted"],
+            }
+        )
+        if (i + 1) % 20 == 0:
+            acc = summarise(reports)
+            print(f"{i + 1} clips: all three {acc['all']:.2f}", flush=True)
+
+    long = frames_for(opts.long_seconds)
+    long_runs = []
+    for _ in range(opts.long_prompts):
+        prompt, seed = random_prompt(rng), int(rng.integers(0, 2**31))
+        start = time.perf_counter()
+        batches = []
+        first = None
+        for batch in pipe.stream(prompt, frames=long, seed=seed):
+            batches.append(batch)
+            if first is None:
+                first = time.perf_counter() - start
+        wall = time.perf_counter() - start
+        video = np.concatenate(batches)
+        long_runs.append(
+            {
+                "prompt": prompt,
+                "seed": seed,
+                "frames": int(video.shape[0]),
+                "coherence": coherence(video),
+                "frames_per_s": video.shape[0] / wall,
+                "first_frames_s": first,
+            }
+        )
+
+    acc = summarise(reports)
+    result = {
+        "benchmark": "quality",
+        "model": opts.model,
+        "size": [pipe.defaults["height"], pipe.defaults["width"]],
+        "fps": fps,
+        "clip_frames": short,
+        "accuracy": {k: acc[k] for k in ("colour", "shape", "motion", "all")},
+        "seconds_per_clip": float(np.median(clip_times)),
+        "long_clip_frames": long,
+        "long_coherence_mean": float(np.mean([r["coherence"] for r in long_runs])),
+        "long_coherence_min": float(np.min([r["coherence"] for r in long_runs])),
+        "streaming_frames_per_s": float(np.median([r["frames_per_s"] for r in long_runs])),
+        "machine": {"platform": platform.platform()},
+        "clips": reports,
+        "long_clips": long_runs,
+    }
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(
+        json.dumps({k: v for k, v in result.items() if k not in ("clips", "long_clips")}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""`python -m train.default_model`: train the built-in default model from nothing.
+
+The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in about an
+hour, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
+
+1. a Unigram tokenizer (`tokenizers`) on every caption the world can produce;
+2. a small Wan-architecture VAE (train.vae), unless --vae names a trained one;
+3. the latents of N training clips, encoded once and cached;
+4. the streaming S2DiT sandwich (LCHA + SSA) and a small umT5 text encoder, trained jointly
+   with the diffusion-forcing flow objective (train.dit);
+5. the model folder, weights in float16, copied to s2dit_mlx/assets/default (--install).
+
+    python -m train.default_model --out runs/default --vae runs/vae/vae --install
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+# isort: off
+import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+
+# isort: on
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from s2dit_mlx.data.shapes import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, ShapesDataset, caption
+from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
+from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
+from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
+from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
+from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer
+
+from . import rng
+
+LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
+SIZE, FPS, CLIP_FRAMES = 64, 16, 33  # 64x64, 2-second training clips (9 latent frames)
+
+DEFAULTS = {
+    "height": SIZE,
+    "width": SIZE,
+    "frames": CLIP_FRAMES,
+    "fps": FPS,
+    "steps": 4,
+    "shift": 5.0,
+    "guidance": 1.0,
+    "negative_prompt": "",
+    "mode": "streaming",
+    "solver": "unipc",
+}
+
+
+def all_captions() -> list[str]:
+    """Every caption of the shapes world (the tokenizer's training corpus)."""
+    combos = itertools.product(COLOURS, SHAPES, MOTIONS, [None, *BACKGROUNDS])
+    return [
+        caption({"colour": c, "shape": s, "motion": m, "background": b}) for c, s, m, b in combos
+    ]
+
+
+def text_encoder_config(vocab_size: int) -> UMT5Config:
+    """A small umT5 (same architecture as Wan's umT5-XXL, a few hundred times smaller)."""
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        text_len=16,
+    )
+
+
+def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
+    """The default S2DiT: a 6-layer LCHA/SSA sandwich on 8x8 latents, 1x1 patches."""
+    return ModelArgs(
+        in_dim=z_dim,
+        out_dim=z_dim,
+        dim=128,
+        ffn_dim=384,
+        freq_dim=64,
+        text_dim=text_dim,
+        num_heads=4,
+        layers=["lcha", "lcha", "ssa", "ssa", "lcha", "lcha"],
+        patch_size=(1, 1, 1),
+        text_len=16,
+        frames_per_chunk=3,
+        window=2,
+        sink=1,
+    )
+
+
+def encode_latents(vae: WanVAE, count: int, seed: int, path: Path, batch: int = 8) -> Path:
+    """Encode `count` clips once (normalised posterior means) and cache them with captions."""
+    if path.exists():
+        return path
+    data = ShapesDataset(height=SIZE, width=SIZE, frames=CLIP_FRAMES, seed=seed)
+    latents, captions = [], []
+    for start in tqdm(range(0, count, batch), desc="encoding clips", unit="batch"):
+        idx = list(range(start, min(start + batch, count)))
+        video, caps = data.batch(idx)
+        z = vae.encode(mx.array(video), frames_per_pass=None)
+        latents.append(np.array(z.astype(mx.float16)))
+        captions += caps
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, latents=np.concatenate(latents), captions=np.array(captions))
+    os.replace(tmp, path)
+    return path
+
+
+def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
+    """train.dit data source over the cached latents (path in $S2DIT_DEFAULT_LATENTS).
+
+    Returns {"latents", "ids", "mask"}: the text encoder trains jointly, so captions are only
+    tokenized here. A caption is dropped (-> "") with probability caption_dropout, by index.
+    """
+    path = Path(os.environ[LATENTS_ENV])
+    cached = np.load(path)
+    latents, captions = cached["latents"], [str(c) for c in cached["captions"]]
+    tokenizer = Tokenizer.from_file(path.parent / "tokenizer.json", text_len=16)
+    n = len(captions)
+
+    def source(indices) -> dict:
+        picks = [i % n for i in indices]
+        caps = [
+            "" if rng.uniform01(seed, "caption", i) < caption_dropout else captions[i % n]
+            for i in indices
+        ]
+        ids, mask = tokenizer(caps)
+        return {
+            "latents": mx.array(latents[picks].astype(np.float32)),
+            "ids": mx.array(ids),
+            "mask": mx.array(mask),
+        }
+
+    return source
+
+
+def build_init(out: Path, vae_dir: Path, seed: int) -> Path:
+    """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT."""
+    init = out / "init"
+    if (init / "config.json").exists():
+        return init
+    tokenizer = train_tokenizer(all_captions(), vocab_size=64, path=out / "tokenizer.json")
+    te_cfg = text_encoder_config(tokenizer.vocab_size)
+    mx.random.seed(seed)
+    text_encoder = UMT5TextEncoder(te_cfg)
+    text_encoder.set_tokenizer(Tokenizer.from_file(out / "tokenizer.json", text_len=16))
+    vae_cfg = WanVAEConfig.from_dict(json.loads((vae_dir / "config.json").read_text()))
+    vae = WanVAE(vae_cfg)
+    vae.load_weights(str(vae_dir / "model.safetensors"))
+    dit = S2DiT(dit_args(vae_cfg.z_dim, te_cfg.d_model))
+    save_model(init, dit, vae, text_encoder, defaults=DEFAULTS)
+    return init
+
+
+def to_float16(model_dir: Path, target: Path) -> Path:
+    """Copy a model folder with every floating weight stored as float16 (half the size)."""
+    bundle = load_model(model_dir)
+    for module in (bundle.dit, bundle.vae, bundle.text_encoder):
+        module.set_dtype(mx.float16)
+    return save_model(target, bundle.dit, bundle.vae, bundle.text_encoder, bundle.defaults)
+
+
+def folder_mb(path: Path) -> float:
+    """Size of a folder in MB."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m train.default_model`."""
+    p = argparse.ArgumentParser(
+        prog="python -m train.default_model",
+        description="Train the built-in default S2DiT on the moving-shapes world.",
+    )
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--vae", metavar="DIR", help="a trained VAE component folder (train.vae)")
+    p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps when --vae is not given")
+    p.add_argument("--clips", type=int, default=2000, help="training clips to encode")
+    p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the DiT run")
+    p.add_argument("--install", action="store_true", help="copy the result into the package")
+    return p
+
+
+def run(args: argparse.Namespace) -> Path:
+    """All stages; returns the final float16 model folder."""
+    from . import dit as train_dit
+    from . import vae as train_vae
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae_dir = Path(args.vae) if args.vae else out / "vae_run" / "vae"
+    if not (vae_dir / "config.json").exists():
+        train_vae.main(
+            [
+                "--out",
+                str(out / "vae_run"),
+                "--steps",
+                str(args.vae_steps),
+                "--seed",
+                str(args.seed),
+            ]
+        )
+    init = build_init(out, vae_dir, args.seed)
+    bundle = load_model(init)
+    latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
+    os.environ[LATENTS_ENV] = str(latents)
+    dit_argv = [
+        "--model", str(init), "--out", str(out / "dit"), "--data",
+        "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--warmup", "100", "--ema", "0.999", "--checkpoint-every", "250", "--seed", str(args.seed),
+        "--clean-context-prob", "0.5", "--t-dist", "logit_normal",
+    ]  # fmt: skip
+    if args.resume:
+        dit_argv.append("--resume")
+    if train_dit.main(dit_argv) != 0:
+        raise S2DiTError("DiT training failed")
+    final = to_float16(out / "dit" / "model", out / "model")
+    print(f"model folder {final}: {folder_mb(final):.1f} MB")
+    if args.install:
+        to_float16(final, DEFAULT_MODEL_DIR)
+        print(f"installed as the built-in default model: {DEFAULT_MODEL_DIR}")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except S2DiTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,7 +75,49 @@ def streaming_table(r: dict) -> list[str]:
     return lines
 
 
-RENDERERS = {"gemm": gemm_table, "attention": attention_table, "streaming": streaming_table}
+def quality_table(r: dict) -> list[str]:
+    acc = r["accuracy"]
+    h, w = r["size"]
+    return [
+        f"**Built-in model quality and speed** ({len(r['clips'])} random prompts and seeds, "
+        f"{r['clip_frames']}-frame clips at {w}x{h}, {r['fps']} fps, read back by "
+        f"`s2dit_mlx.evaluate`; `benchmarks/quality.py`)",
+        "",
+        "| colour | shape | motion | all three | 10 s streamed clip: coherent frames (mean / min) "
+        "| seconds per 2 s clip | streaming frames/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| {100 * acc['colour']:.0f}% | {100 * acc['shape']:.0f}% | {100 * acc['motion']:.0f}% "
+        f"| {100 * acc['all']:.0f}% | {100 * r['long_coherence_mean']:.0f}% / "
+        f"{100 * r['long_coherence_min']:.0f}% | {r['seconds_per_clip']:.2f} | "
+        f"{r['streaming_frames_per_s']:.1f} |",
+    ]
+
+
+def coreml_table(r: dict) -> list[str]:
+    m = r["measured"]
+    lines = [
+        f"**Core ML export** ({m['weights']}; {m['chunks']} streamed chunks through the numpy "
+        "interpreter of the saved package vs MLX; `benchmarks/coreml.py`)",
+        "",
+        "| precision | compression | DiT PSNR dB | VAE PSNR dB | DiT package MB | export s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in m["modes"]:
+        lines.append(
+            f"| {mode['precision']} | {mode['compression']} | {mode['dit_psnr_db']:.1f} | "
+            f"{mode['vae_psnr_db']:.1f} | {mode['dit_package_bytes'] / 1e6:.2f} | "
+            f"{mode['export_s']:.1f} |"
+        )
+    return lines
+
+
+RENDERERS = {
+    "gemm": gemm_table,
+    "attention": attention_table,
+    "streaming": streaming_table,
+    "quality": quality_table,
+    "coreml": coreml_table,
+}
 
 
 def render() -> str:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from s2dit_mlx.data.shapes import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, ShapesDataset, caption
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
+from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
@@ -41,6 +42,7 @@ from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer
 from . import rng
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
+VAE_TYPES = {"wan": (WanVAEConfig, WanVAE), "patch": (PatchVAEConfig, PatchVAE)}
 SIZE, FPS, CLIP_FRAMES = 64, 16, 33  # 64x64, 2-second training clips (9 latent frames)
 
 DEFAULTS = {
@@ -81,7 +83,7 @@ def text_encoder_config(vocab_size: int) -> UMT5Config:
 
 
 def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
-    """The default S2DiT: a 6-layer LCHA/SSA sandwich on 8x8 latents, 1x1 patches."""
+    """The default S2DiT: a 6-layer LCHA/SSA sandwich on 8x8 latents, 2x2 patches."""
     return ModelArgs(
         in_dim=z_dim,
         out_dim=z_dim,
@@ -91,7 +93,7 @@ def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
         text_dim=text_dim,
         num_heads=4,
         layers=["lcha", "lcha", "ssa", "ssa", "lcha", "lcha"],
-        patch_size=(1, 1, 1),
+        patch_size=(1, 2, 2),
         text_len=16,
         frames_per_chunk=3,
         window=2,
@@ -99,7 +101,7 @@ def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
     )
 
 
-def encode_latents(vae: WanVAE, count: int, seed: int, path: Path, batch: int = 8) -> Path:
+def encode_latents(vae, count: int, seed: int, path: Path, batch: int = 8) -> Path:
     """Encode `count` clips once (normalised posterior means) and cache them with captions."""
     if path.exists():
         return path
@@ -108,7 +110,7 @@ def encode_latents(vae: WanVAE, count: int, seed: int, path: Path, batch: int = 
     for start in tqdm(range(0, count, batch), desc="encoding clips", unit="batch"):
         idx = list(range(start, min(start + batch, count)))
         video, caps = data.batch(idx)
-        z = vae.encode(mx.array(video), frames_per_pass=None)
+        z = vae.encode(mx.array(video))
         latents.append(np.array(z.astype(mx.float16)))
         captions += caps
     tmp = path.with_suffix(".tmp.npz")
@@ -155,8 +157,10 @@ def build_init(out: Path, vae_dir: Path, seed: int) -> Path:
     mx.random.seed(seed)
     text_encoder = UMT5TextEncoder(te_cfg)
     text_encoder.set_tokenizer(Tokenizer.from_file(out / "tokenizer.json", text_len=16))
-    vae_cfg = WanVAEConfig.from_dict(json.loads((vae_dir / "config.json").read_text()))
-    vae = WanVAE(vae_cfg)
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    config_cls, model_cls = VAE_TYPES[cfg["type"]]
+    vae_cfg = config_cls.from_dict(cfg)
+    vae = model_cls(vae_cfg)
     vae.load_weights(str(vae_dir / "model.safetensors"))
     dit = S2DiT(dit_args(vae_cfg.z_dim, te_cfg.d_model))
     save_model(init, dit, vae, text_encoder, defaults=DEFAULTS)
@@ -184,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--vae", metavar="DIR", help="a trained VAE component folder (train.vae)")
-    p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps when --vae is not given")
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE steps when --vae is not given")
+    p.add_argument(
+        "--vae-arch", choices=["wan", "patch"], default="patch", help="VAE to train without --vae"
+    )
     p.add_argument("--clips", type=int, default=2000, help="training clips to encode")
     p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
     p.add_argument("--batch-size", type=int, default=16)

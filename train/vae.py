@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
 from . import rng
@@ -33,18 +34,28 @@ from .trainer import TrainConfig, Trainer, write_run_config
 EXIT_ERROR = 2
 
 
-def vae_loss(vae: WanVAE, batch: dict, keys: mx.array, kl_weight: float) -> mx.array:
-    """Reconstruction (MSE + 0.1 L1) plus kl_weight * KL(q(z|x) || N(0, 1)), per element.
+def vae_loss(vae, batch: dict, keys: mx.array, kl_weight: float) -> mx.array:
+    """Reconstruction (MSE + 0.1 L1), plus kl_weight * KL(q(z|x) || N(0, 1)) for the Wan VAE.
 
     MSE leads: with small objects on flat backgrounds, an L1-led loss sits at the median
     (background everywhere) for hundreds of steps.
     """
     video = batch["video"]
-    recon, mu, logvar = vae(video)
+    out = vae(video)
+    recon = out[0] if isinstance(out, tuple) else out
     diff = recon.astype(mx.float32) - video
-    rec = (diff * diff).mean() + 0.1 * mx.abs(diff).mean()
-    kl = 0.5 * (mu * mu + mx.exp(logvar) - logvar - 1).mean()
-    return rec + kl_weight * kl
+    loss = (diff * diff).mean() + 0.1 * mx.abs(diff).mean()
+    if isinstance(out, tuple):  # Wan VAE: (recon, mean, log-variance)
+        _, mu, logvar = out
+        loss = loss + kl_weight * 0.5 * (mu * mu + mx.exp(logvar) - logvar - 1).mean()
+    return loss
+
+
+def raw_latents(vae, video: mx.array) -> mx.array:
+    """Un-normalised latents (the Wan VAE's posterior mean; the patch VAE's code)."""
+    if isinstance(vae, WanVAE):
+        return vae.encode_moments(video)[0]
+    return vae.encoder(vae.patchify(video))
 
 
 def cropped_shapes_source(seed: int, frames: int, size: int, crop: int):
@@ -75,13 +86,13 @@ def latent_stats(vae: WanVAE, source, indices: list[int]) -> tuple[list[float], 
     """Per-channel mean and std of the raw posterior means over some clips."""
     mus = []
     for i in indices:
-        mu, _ = vae.encode_moments(source([i])["video"])
+        mu = raw_latents(vae, source([i])["video"])
         mus.append(np.array(mu.reshape(-1, mu.shape[-1])))
     z = np.concatenate(mus)
     return z.mean(0).tolist(), (z.std(0) + 1e-6).tolist()
 
 
-def save_component(vae: WanVAE, out: Path) -> Path:
+def save_component(vae, out: Path) -> Path:
     """Write the VAE as a model-folder component (config.json + model.safetensors), atomically."""
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small Wan-architecture VAE on procedural moving-shapes clips.",
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
-    p.add_argument("--base-dim", type=int, default=8, help="width of the first level")
+    p.add_argument(
+        "--arch",
+        choices=["wan", "patch"],
+        default="wan",
+        help="wan: Wan 2.1 VAE architecture; patch: the small causal patch VAE",
+    )
+    p.add_argument("--base-dim", type=int, default=8, help="Wan VAE: width of the first level")
+    p.add_argument("--hidden-dim", type=int, default=256, help="patch VAE: hidden width")
     p.add_argument("--z-dim", type=int, default=16, help="latent channels")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
@@ -126,14 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Path:
     """Train, then write RUN_DIR/vae (the component folder with measured latent stats)."""
     out_dir = Path(args.out)
-    cfg = WanVAEConfig(
-        base_dim=args.base_dim,
-        z_dim=args.z_dim,
-        num_res_blocks=args.res_blocks,
-    )
+    if args.arch == "wan":
+        cfg = WanVAEConfig(base_dim=args.base_dim, z_dim=args.z_dim, num_res_blocks=args.res_blocks)
+        model_cls = WanVAE
+    else:
+        cfg = PatchVAEConfig(z_dim=args.z_dim, hidden_dim=args.hidden_dim)
+        model_cls = PatchVAE
     cfg.validate()
     mx.random.seed(args.seed)
-    vae = WanVAE(cfg)
+    vae = model_cls(cfg)
     if args.crop and args.crop < args.size:
         source = cropped_shapes_source(args.seed, args.frames, args.size, args.crop)
     else:
@@ -168,7 +187,7 @@ def run(args: argparse.Namespace) -> Path:
         held_out = list(range(10**7, 10**7 + 16))
         mean, std = latent_stats(vae, full_source, held_out)
         vae.config.latents_mean, vae.config.latents_std = mean, std
-        result = save_component(WanVAE(vae.config), out_dir / "vae")
+        result = save_component(model_cls(vae.config), out_dir / "vae")
         weights = dict(tree_flatten(vae.parameters()))
         mx.save_safetensors(str(result / "model.safetensors"), weights)
     return result

@@ -1,0 +1,41 @@
+"""The built-in default model: present, small, a real streaming sandwich, used by the CLI."""
+
+import json
+
+import numpy as np
+
+from s2dit_mlx import cli
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+from s2dit_mlx.video_io import read_video
+
+MAX_MB = 30
+
+
+def test_default_model_is_shipped_and_small():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert (DEFAULT_MODEL_DIR / "config.json") in files
+    assert sum(p.stat().st_size for p in files) / 1e6 <= MAX_MB
+
+
+def test_default_model_is_a_streaming_sandwich():
+    bundle = load_model(DEFAULT_MODEL_DIR)
+    layers = bundle.dit.args.layers
+    assert "lcha" in layers and "ssa" in layers
+    assert bundle.defaults["mode"] == "streaming"
+    assert bundle.dit.args.window is not None  # bounded state for long streams
+    assert type(bundle.vae).__name__ == "WanVAE"
+    assert type(bundle.text_encoder).__name__ == "UMT5TextEncoder"
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["defaults"]["height"] >= 64 and config["defaults"]["width"] >= 64
+
+
+def test_generate_without_model_uses_the_default(tmp_path, capsys):
+    out = tmp_path / "circle.mp4"
+    code = cli.main(["generate", "a red circle moving left", "-o", str(out), "--seed", "3"])
+    assert code == 0, capsys.readouterr().err
+    video = read_video(out)
+    meta = json.loads((tmp_path / "circle.json").read_text())
+    assert video.shape[0] == meta["settings"]["frames"]
+    assert video.shape[1:] == (meta["settings"]["height"], meta["settings"]["width"], 3)
+    assert meta["model_path"] == str(DEFAULT_MODEL_DIR)
+    assert np.std(video) > 5  # not a blank clip

@@ -1,7 +1,8 @@
 """Core ML export: saved packages, re-loaded and run by our numpy interpreter, match MLX.
 
 A tiny random S2DiT with an lcha/ssa/full sandwich (window 3 chunks, 1 sink, so the KV ring
-buffer wraps within the 5 streamed chunks) and the patch VAE decoder. Gates (DESIGN.md sec. 7):
+buffer wraps within the 5 streamed chunks) and the patch VAE decoder; tiny random Wan VAE
+decoders (2.1 and 2.2) streamed over 5 latent frames. Gates (DESIGN.md sec. 7):
 PSNR (peak = max |MLX|) >= 60 dB for the fp32 package, >= 50 dB for fp16, per chunk, states
 carried across calls. Compressed packages (random weights, so no quality gate yet) must export,
 pass the structural checks and run; their PSNR is printed and bounded loosely.
@@ -53,6 +54,7 @@ from s2dit_mlx.errors import S2DiTError  # noqa: E402
 from s2dit_mlx.models import layers  # noqa: E402
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig  # noqa: E402
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT, depthwise_causal_conv3d, softplus  # noqa: E402
+from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 
 TIMESTEPS = [1000.0, 937.5, 833.3, 625.0]
 CHUNKS = 5
@@ -723,10 +725,196 @@ def test_analytic_cost_matches_exported_graph(tiny, tmp_path_factory):
 
 
 def test_dit_only_export_without_vae(tiny, tmp_path):
-    """vae=None (CLI --skip-vae, e.g. for a Wan VAE) writes the DiT package and manifest only."""
+    """vae=None (CLI --skip-vae) writes the DiT package and manifest only."""
     dit = tiny[0]
     out = tmp_path / "dit-only"
     manifest = export_coreml(dit, None, out, height=HEIGHT, width=WIDTH, precision="float32")
     assert manifest["packages"]["vae_decoder"] is None
     assert sorted(p.name for p in out.iterdir()) == [DIT_PACKAGE, MANIFEST]
     assert manifest["video"]["height"] == HEIGHT and manifest["video"]["width"] == WIDTH
+
+
+# ------------------------------------------------------------------------------------------------
+# Wan VAE decoder: functions `first` (latent frame 0 -> 1 frame) and `decode` (-> 4 frames)
+
+# Every decoder level, a 1x1x1 shortcut, both temporal upsamplers; latent 4 x 8 -> 32 x 64.
+WAN21 = dict(
+    version="2.1",
+    base_dim=4,
+    z_dim=4,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[0.5, 1.5, 1.0, 2.0],
+)
+# 2.2: residual up blocks with the repeat shortcut, 2x2 patchify; latent 2 x 4 -> 32 x 64.
+WAN22 = {**WAN21, "version": "2.2", "patch_size": 2}
+WAN_GRIDS = {"2.1": (4, 8), "2.2": (2, 4)}
+WAN_CHUNKS = (2, 1, 2)  # latent frames per chunk: 5 in all, one per package call
+
+
+@pytest.fixture(scope="module")
+def tiny_wan():
+    """version -> (vae, latent chunks, MLX streaming frames per chunk)."""
+    out = {}
+    for i, (version, cfg) in enumerate((("2.1", WAN21), ("2.2", WAN22))):
+        mx.random.seed(10 + i)
+        vae = WanVAE(WanVAEConfig(**cfg))
+        randomise(vae, 20 + i)  # attention proj (zero-initialised) and RMS gains included
+        h, w = WAN_GRIDS[version]
+        rng = np.random.default_rng(30 + i)
+        chunks = [rng.standard_normal((1, f, h, w, 4)).astype(np.float32) for f in WAN_CHUNKS]
+        out[version] = (vae, chunks, list(verify.mlx_vae_stream(vae, chunks)))
+    return out
+
+
+_WAN_EXPORTS: dict = {}
+
+
+def wan_exported(tiny_wan, tmp_path_factory, version: str, precision: str) -> Path:
+    """The saved Wan VAE decoder package, once per (version, precision)."""
+    from s2dit_mlx.coreml.export import PRECISIONS, module_weights, save_vae_package
+
+    key = (version, precision)
+    if key not in _WAN_EXPORTS:
+        vae = tiny_wan[version][0]
+        path = tmp_path_factory.mktemp("wan") / f"{version}-{precision}.mlpackage"
+        h, w = WAN_GRIDS[version]
+        dtype = PRECISIONS[precision]
+        save_vae_package(vae, module_weights(vae), h, w, path, dtype, "none", 2048)
+        _WAN_EXPORTS[key] = path
+    return _WAN_EXPORTS[key]
+
+
+def wan_structure(vae, version: str) -> tuple[dict, dict]:
+    from s2dit_mlx.coreml.vae import vae_functions, vae_state_specs
+
+    specs = vae_state_specs(vae, *WAN_GRIDS[version])
+    states = {s.name: s.shape for s in specs}
+    return states, {f: set(states) for f in vae_functions(vae)}
+
+
+@pytest.mark.parametrize(
+    "version, precision, gate",
+    [("2.1", "float32", 60.0), ("2.1", "float16", 50.0), ("2.2", "float32", 60.0)],
+)
+def test_wan_vae_package_matches_mlx_streaming(
+    tiny_wan, tmp_path_factory, version, precision, gate
+):
+    vae, chunks, frames = tiny_wan[version]
+    path = wan_exported(tiny_wan, tmp_path_factory, version, precision)
+    pkg = Package(path)
+    assert set(pkg.functions) == {"first", "decode"}
+    got = list(verify.package_vae_stream(pkg, chunks))
+    psnrs = [verify.psnr(r, g) for r, g in zip(frames, got, strict=True)]
+    print(f"Wan {version} {precision}: VAE PSNR per chunk {np.round(psnrs, 1)}")
+    # 1 + 4k pixel frames for the first chunk's 1 + k latent frames, then 4 per latent frame.
+    assert [g.shape[1] for g in got] == [5, 4, 8]
+    assert got[0].shape[2:] == (32, 64, 3)
+    assert min(psnrs) >= gate
+    # Structure: iOS 18, fp16 states of the expected shapes, each written once by each function.
+    states, writes = wan_structure(vae, version)
+    assert check_package(path, states, writes) == []
+    # A state per causal conv with a temporal kernel of 3, the time convs included.
+    kinds = [s for s in states if s.endswith("time_conv")]
+    assert len(kinds) == 2 and all(states[k][2] == 2 for k in states)
+
+
+def test_wan_vae_state_is_needed_and_first_restarts(tiny_wan, tmp_path_factory):
+    """`decode` without the history fails the gate; `first` restarts a used state exactly."""
+    vae, chunks, frames = tiny_wan["2.1"]
+    pkg = Package(wan_exported(tiny_wan, tmp_path_factory, "2.1", "float32"))
+    state = pkg.make_state()
+    list(verify.package_vae_stream(pkg, chunks, state=state))  # leaves a used state behind
+    again = list(verify.package_vae_stream(pkg, chunks, state=state))  # no zeroing in between
+    assert min(verify.psnr(r, g) for r, g in zip(frames, again, strict=True)) >= 60.0
+    # Latent frame 1 decoded from a zero state (forgetting frame 0) is wrong.
+    forgot = pkg.predict({"latents": chunks[0][:, 1:2]}, pkg.make_state(), "decode")["frames"]
+    assert verify.psnr(frames[0][:, 1:5], forgot) < 40.0
+
+
+def test_wan_vae_rms_norm_is_finite_in_fp16(tmp_path):
+    """Activations whose squares overflow fp16 normalise like MLX; an all-zero position gives 0."""
+    from s2dit_mlx.coreml.wan_vae import _Emitter
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((1, 8, 1, 2, 3)) * 3000.0).astype(np.float32)
+    x[..., 0, 0] = 0.0
+    gamma = rng.standard_normal(8).astype(np.float32)
+    specs = {"x": mb.placeholder(shape=x.shape, dtype=types.fp16)}
+    with Function(specs, opset_version=ct.target.iOS18) as func:
+        ctx = Ctx(dtype="fp16", weights={"decoder_module.n.gamma": gamma}, write=False)
+        y = _Emitter(None, ctx, False, {}).rms_norm(func.inputs["x"], "n")
+        func.set_outputs([mb.identity(x=y, name="y")])
+    prog = Program()
+    prog.add_function("main", func)
+    got = Package(_save(prog, tmp_path / "rms.mlpackage")).predict({"x": x})["y"]
+    x_cl = mx.array(x.transpose(0, 2, 3, 4, 1))
+    ref = np.array(mx.fast.rms_norm(x_cl, mx.array(gamma), 1e-12)).transpose(0, 4, 1, 2, 3)
+    assert np.all(np.isfinite(got)) and np.all(got[..., 0, 0] == 0)
+    _close(got, ref, tol=5e-3)  # fp16 rounding of a few ops
+
+
+def test_interpreter_pad_and_upsample_ops(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 3, 2, 4, 5)).astype(np.float32)
+
+    def build(v):
+        x = v["x"]
+        flat = mb.reshape(x=x, shape=[1, 6, 4, 5])
+        return {
+            "pad_t": mb.pad(x=x, pad=[2, 0, 0, 0, 0, 0], mode="constant"),
+            "pad_all": mb.pad(x=x, pad=[0, 0, 1, 0, 1, 2, 0, 3, 2, 1], constant_val=1.5),
+            "pad_edge": mb.pad(x=flat, pad=[1, 2, 2, 1], mode="replicate"),
+            "pad_reflect": mb.pad(x=flat, pad=[1, 2, 2, 1], mode="reflect"),
+            "up": mb.upsample_nearest_neighbor(x=flat, scale_factor_height=2, scale_factor_width=2),
+            "up_hw": mb.upsample_nearest_neighbor(
+                x=flat, scale_factor_height=3, scale_factor_width=1
+            ),
+        }
+
+    out = _run_ops(tmp_path, {"x": x}, build)
+    flat = x.reshape(1, 6, 4, 5)
+    _close(out["pad_t"], np.pad(x, [(0, 0), (0, 0), (2, 0), (0, 0), (0, 0)]))
+    _close(
+        out["pad_all"],
+        np.pad(x, [(0, 0), (1, 0), (1, 2), (0, 3), (2, 1)], constant_values=1.5),
+    )
+    _close(out["pad_edge"], np.pad(flat, [(0, 0), (0, 0), (1, 2), (2, 1)], mode="edge"))
+    _close(out["pad_reflect"], np.pad(flat, [(0, 0), (0, 0), (1, 2), (2, 1)], mode="reflect"))
+    # MLX's own 2x nearest upsampling (nearest-exact at an integer factor).
+    ref = nn.Upsample(scale_factor=(2, 2), mode="nearest")(mx.array(flat.transpose(0, 2, 3, 1)))
+    _close(out["up"], np.array(ref).transpose(0, 3, 1, 2))
+    _close(out["up_hw"], np.repeat(flat, 3, axis=2))
+
+
+@pytest.fixture(scope="module")
+def wan_model_dir(tmp_path_factory):
+    """A tiny model folder whose VAE is a (random) Wan 2.1 VAE."""
+    from conftest import TINY_DEFAULTS, make_tiny_components
+
+    from s2dit_mlx.loading import save_model
+
+    dit, _, text_encoder = make_tiny_components(seed=1)
+    mx.random.seed(2)
+    vae = WanVAE(WanVAEConfig(**WAN21))
+    mx.eval(vae.parameters())
+    path = tmp_path_factory.mktemp("models") / "tiny-wan"
+    save_model(path, dit, vae, text_encoder, defaults=TINY_DEFAULTS)
+    return path
+
+
+def test_cli_export_with_wan_vae(wan_model_dir, tmp_path, capsys):
+    out = tmp_path / "ios-wan"
+    rc = export_main(["coreml", "--model", str(wan_model_dir), "--out", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / MANIFEST).read_text())
+    vae_m = manifest["packages"]["vae_decoder"]
+    assert vae_m["type"] == "wan"
+    assert set(vae_m["functions"]) == {"first", "decode"}
+    assert vae_m["functions"]["first"]["outputs"][0]["shape"] == [1, 1, 32, 64, 3]
+    assert vae_m["functions"]["decode"]["outputs"][0]["shape"] == [1, 4, 32, 64, 3]
+    assert "`first`" in vae_m["first_call"]
+    assert all(s["dtype"] == "fp16" for s in vae_m["states"])
+    assert len(vae_m["states"]) == len(wan_structure(WanVAE(WanVAEConfig(**WAN21)), "2.1")[0])
+    assert (out / DIT_PACKAGE).is_dir() and (out / VAE_PACKAGE).is_dir()

@@ -1,7 +1,8 @@
 """Core ML export of S2DiT for iPhone (DESIGN.md section 7).
 
 - emit.py: MIL builder emitters, one per S2DiT module, from the model's own weights;
-- vae.py: the streaming VAE decoder emitter;
+- vae.py: the streaming VAE decoder emitters (patch VAE; dispatch to wan_vae.py for the Wan VAE,
+  whose package has functions `first` and `decode`);
 - export.py: packages (multifunction DiT: denoise/write; VAE decoder) + manifest.json;
 - interpret.py: numpy interpreter of the saved packages (verification without Core ML);
 - check.py: structural checks of saved packages; verify.py: MLX vs package streaming loops;

@@ -2,6 +2,7 @@
 
     DIR/S2DiT.mlpackage        functions `denoise` and `write` sharing one set of weights
     DIR/VAEDecoder.mlpackage   one latent frame -> 4 pixel frames, causal history as state
+                               (Wan VAE: functions `first` for latent frame 0 and `decode`)
     DIR/manifest.json          shapes, states, schedule, fps, the streaming loop in words
     DIR/prompt.f16             optional: text encoder output for a prompt (raw fp16)
 
@@ -27,7 +28,13 @@ from ..errors import S2DiTError
 from . import emit
 from ._ct import quiet_progress
 from .emit import ATTENTION_EMITTERS, StreamShapes, ct, dit_state_specs
-from .vae import check_vae, decoder_function, vae_state_specs
+from .vae import (
+    check_vae,
+    decoder_programs,
+    first_call_note,
+    vae_functions,
+    vae_state_specs,
+)
 
 COMPRESSIONS = ("none", "int8", "palette6", "palette4")
 PRECISIONS = {"float16": "fp16", "float32": "fp32"}
@@ -116,8 +123,22 @@ def save_vae_package(
     vae, weights, latent_height, latent_width, target: Path, dtype: str, mode: str, threshold: int
 ) -> None:
     """Emit, convert, compress and save the streaming VAE decoder package."""
-    model = convert(decoder_function(vae, weights, latent_height, latent_width, dtype))
-    compress(model, mode, threshold).save(str(target))
+    programs = decoder_programs(vae, weights, latent_height, latent_width, dtype)
+    if list(programs) == ["main"]:
+        model = convert(programs["main"])
+        compress(model, mode, threshold).save(str(target))
+        return
+    work = target.with_name(target.name + ".parts")
+    work.mkdir()
+    try:
+        parts = {}
+        for name, prog in programs.items():
+            parts[name] = work / f"{name}.mlpackage"
+            compress(convert(prog), mode, threshold).save(str(parts[name]))
+        # The last function is the one an app calls for every frame but the first.
+        _save_multifunction(parts, list(programs)[-1], target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _feature(f) -> dict:
@@ -343,7 +364,7 @@ def expected_structure(dit, vae, shapes: StreamShapes) -> dict[str, tuple[dict, 
     if vae is not None:
         specs = vae_state_specs(vae, shapes.latent_height, shapes.latent_width)
         vae_states = {s.name: s.shape for s in specs}
-        out[VAE_PACKAGE] = (vae_states, {"main": set(vae_states)})
+        out[VAE_PACKAGE] = (vae_states, {f: set(vae_states) for f in vae_functions(vae)})
     return out
 
 
@@ -442,7 +463,7 @@ def build_manifest(
                 "states": vae_states,
                 "state_bytes": sum(s["bytes"] for s in vae_states),
                 "size_bytes": package_size(folder / VAE_PACKAGE),
-                "first_call": "keep only the last of the 4 frames (it stands for frame 0)",
+                "first_call": first_call_note(vae),
             },
         },
         "loop": [
@@ -451,7 +472,12 @@ def build_manifest(
             "  for each t in schedule.timesteps: x0 = dit.denoise(latents=x, t, context, chunk=c)"
             ".x0; if a next t: x = (1 - s) * x0 + s * noise with s = t_next / 1000",
             "  dit.write(latents=x0, t=0, context, chunk=c)  # updates the states",
-            "  for each latent frame i of x0: frames = vae(latents=x0[:, i:i+1]).frames",
+            "  for each latent frame i of x0: frames = vae(latents=x0[:, i:i+1]).frames"
+            + (
+                " (function `first` for the video's latent frame 0, `decode` after)"
+                if vae is not None and "first" in vae_functions(vae)
+                else ""
+            ),
             "with guidance != 1: a second state for the negative prompt; "
             "v = v_neg + g * (v - v_neg); x0 = x - t/1000 * v",
         ],

@@ -308,6 +308,35 @@ def _tile(a):
     return np.tile(a["x"], [int(r) for r in np.ravel(a["reps"])])
 
 
+@op("pad")
+def _pad(a):
+    """Pads the last len(pad) / 2 axes: constant (constant_val), reflect or replicate."""
+    x = np.asarray(a["x"])
+    pad = [int(p) for p in np.ravel(a["pad"])]
+    n = len(pad) // 2
+    widths = [(0, 0)] * (x.ndim - n) + [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    mode = str(a.get("mode") or "constant")
+    if mode == "constant":
+        value = a.get("constant_val")
+        return np.pad(x, widths, constant_values=0 if value is None else np.asarray(value).item())
+    if mode in ("reflect", "replicate"):
+        return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
+    raise S2DiTError(f"interpreter: pad mode {mode!r} is not supported")
+
+
+@op("upsample_nearest_neighbor")
+def _upsample_nearest(a):
+    """Nearest-neighbour upsampling of the last two axes: output i reads input floor(i / s)."""
+    x = np.asarray(a["x"])
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        s = a.get(key)
+        s = 1.0 if s is None else float(np.asarray(s))
+        size = x.shape[axis]
+        src = np.floor(np.arange(int(np.floor(size * s))) / s).astype(np.int64)
+        x = np.take(x, np.minimum(src, size - 1), axis=axis)
+    return x
+
+
 def _slices(a, shape):
     rank = len(shape)
     begin = [int(b) for b in np.ravel(a["begin"])]

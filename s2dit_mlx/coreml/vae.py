@@ -1,6 +1,9 @@
-"""MIL emitter for the VAE decoder: one latent frame per call, its causal history as a state.
+"""MIL emitters for the VAE decoder: one latent frame per call, its causal history as state.
 
-Supported: the small causal patch VAE (models/patch_vae.py). Per call:
+Dispatch on the VAE's `config.type`: "wan" (2.1 / 2.2) is emitted by wan_vae.py as a package
+with two functions (`first`, `decode`); "patch" is emitted here as one function `main`.
+
+The small causal patch VAE (models/patch_vae.py), per call:
     z [1, 1, h, w, z_dim] (normalised, as the DiT makes them) -> denormalise -> causal Conv3d
     (kernel kt x k x k; the kt - 1 previous latent frames come from the fp16 state
     `vae_history` [1, z_dim, kt - 1, h, w]) -> SiLU -> Linear -> 4 x 8 x 8 x 3 patches ->
@@ -15,10 +18,26 @@ import numpy as np
 
 from ..errors import S2DiTError
 from .emit import DTYPES, Ctx, Function, Program, StateSpec, ct, linear, mb, types
+from .wan_vae import FUNCTIONS as WAN_FUNCTIONS
+from .wan_vae import check_wan_vae, wan_decoder_programs, wan_state_specs
+
+SUPPORTED = ("patch", "wan")
+
+
+def vae_type(vae) -> str | None:
+    """The VAE's config type ("patch", "wan", ...), None when it has none."""
+    return getattr(getattr(vae, "config", None), "type", None)
+
+
+def vae_functions(vae) -> tuple[str, ...]:
+    """Function names of the decoder package (the default one last)."""
+    return WAN_FUNCTIONS if vae_type(vae) == "wan" else ("main",)
 
 
 def vae_state_specs(vae, latent_height: int, latent_width: int) -> list[StateSpec]:
-    """The decoder's fp16 history state (none when the temporal kernel is 1)."""
+    """The decoder's fp16 history states (patch: none when the temporal kernel is 1)."""
+    if vae_type(vae) == "wan":
+        return wan_state_specs(vae, latent_height, latent_width)
     cfg = vae.config
     if cfg.temporal_kernel <= 1:
         return []
@@ -28,17 +47,39 @@ def vae_state_specs(vae, latent_height: int, latent_width: int) -> list[StateSpe
 
 def check_vae(vae) -> None:
     """Raise S2DiTError unless the decoder is one this module can emit."""
-    kind = getattr(getattr(vae, "config", None), "type", None)
-    if kind != "patch":
+    kind = vae_type(vae)
+    if kind not in SUPPORTED:
         raise S2DiTError(
-            f"Core ML export supports the 'patch' VAE decoder, not {kind!r} "
-            "(pass --skip-vae to export the DiT alone)"
+            f"Core ML export supports the {' and '.join(map(repr, SUPPORTED))} VAE decoders, "
+            f"not {kind!r} (pass --skip-vae to export the DiT alone)"
         )
+    if kind == "wan":
+        check_wan_vae(vae)
+
+
+def first_call_note(vae) -> str:
+    """How the app treats latent frame 0 of a video (for the manifest)."""
+    if vae_type(vae) == "wan":
+        return (
+            "call function `first` for latent frame 0 of each video: it returns 1 pixel frame "
+            "and (re)starts every state; call `decode` (the default) for each later latent "
+            "frame: 4 pixel frames each"
+        )
+    return "keep only the last of the 4 frames (it stands for frame 0)"
+
+
+def decoder_programs(vae, weights: dict, latent_height: int, latent_width: int, dtype: str):
+    """Function name -> MIL program of the streaming decoder, in vae_functions order."""
+    check_vae(vae)
+    if vae_type(vae) == "wan":
+        return wan_decoder_programs(vae, weights, latent_height, latent_width, dtype)
+    return {"main": decoder_function(vae, weights, latent_height, latent_width, dtype)}
 
 
 def decoder_function(vae, weights: dict, latent_height: int, latent_width: int, dtype: str):
-    """The streaming decode call as a MIL program: latents -> frames, history state updated."""
-    check_vae(vae)
+    """The patch VAE's decode call as a MIL program: latents -> frames, history state updated."""
+    if vae_type(vae) != "patch":
+        raise S2DiTError(f"decoder_function emits the 'patch' VAE, not {vae_type(vae)!r}")
     cfg = vae.config
     ctx = Ctx(dtype=dtype, weights=weights, write=True)
     tdt = DTYPES[dtype][1]

@@ -102,13 +102,19 @@ def mlx_vae_stream(vae, latents: list[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def package_vae_stream(package, latents: list[np.ndarray], state: dict | None = None):
-    """Pixel frames per latent chunk from a saved VAE decoder package, one latent frame a call."""
+    """Pixel frames per latent chunk from a saved VAE decoder package, one latent frame a call.
+
+    A package with a `first` function (Wan VAE) gets latent frame 0 there, the rest through its
+    default function; otherwise (patch VAE) frame 0's call keeps only its last pixel frame.
+    """
     state = package.make_state() if state is None else state
+    has_first = "first" in package.functions
     first = True
     for z in latents:
         outs = []
         for i in range(z.shape[1]):
-            frames = package.predict({"latents": z[:, i : i + 1]}, state)["frames"]
+            function = "first" if first and has_first else None
+            frames = package.predict({"latents": z[:, i : i + 1]}, state, function)["frames"]
             # The first latent frame ever stands for one pixel frame: keep its last.
             outs.append(frames[:, -1:] if first else frames)
             first = False

@@ -28,7 +28,10 @@ struct Manifest: Decodable {
         let prompt_files: [String: PromptFile]
     }
     struct StateSpec: Decodable { let name: String; let shape: [Int] }
-    struct Package: Decodable { let file: String; let states: [StateSpec] }
+    struct Function: Decodable {}
+    struct Package: Decodable {
+        let file: String; let states: [StateSpec]; let functions: [String: Function]?
+    }
     struct Packages: Decodable { let dit: Package; let vae_decoder: Package }
     let video: Video
     let latent: Latent
@@ -110,6 +113,7 @@ final class S2DiTStreamer {
     let denoise: MLModel
     let write: MLModel
     let vae: MLModel
+    let vaeFirst: MLModel?  // Wan VAE: latent frame 0 -> 1 pixel frame; (re)starts the states
     let context: MLMultiArray
     let inputType: MLMultiArrayDataType
 
@@ -130,6 +134,8 @@ final class S2DiTStreamer {
         let vaeURL = try await MLModel.compileModel(
             at: folder.appendingPathComponent(manifest.packages.vae_decoder.file))
         vae = try await load(vaeURL, function: nil)
+        vaeFirst = manifest.packages.vae_decoder.functions?["first"] != nil
+            ? try await load(vaeURL, function: "first") : nil
 
         let latentInput = denoise.modelDescription.inputDescriptionsByName["latents"]
         inputType = latentInput?.multiArrayConstraint?.dataType ?? .float16
@@ -195,7 +201,8 @@ final class S2DiTStreamer {
                 let z = try makeArray(
                     slice, shape: [1, 1, lat.height, lat.width, lat.channels], type: inputType)
                 let input = try MLDictionaryFeatureProvider(dictionary: ["latents": z])
-                let out = try await vae.prediction(from: input, using: vaeState)
+                let model = (firstFrame ? vaeFirst : nil) ?? vae
+                let out = try await model.prediction(from: input, using: vaeState)
                 let frames = floats(out.featureValue(for: "frames")!.multiArrayValue!)
                 let pixels = manifest.video.height * manifest.video.width * 3
                 // The first latent frame ever stands for one pixel frame: keep its last frame.

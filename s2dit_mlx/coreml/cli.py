@@ -45,9 +45,8 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         "-m",
-        required=True,
         metavar="MODEL",
-        help="model folder or Hugging Face repository id",
+        help="model folder or Hugging Face repository id (default: the built-in model)",
     )
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     p.add_argument("--height", type=int, metavar="PX", help="frame height in pixels")
@@ -108,6 +107,10 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
     from ..sampling import few_step_timesteps
     from .export import check_export, export_coreml
 
+    if not args.model:
+        from ..loading import DEFAULT_MODEL_DIR
+
+        args.model = str(DEFAULT_MODEL_DIR)
     bundle = load_model(args.model)
     defaults = bundle.defaults
     height = args.height if args.height is not None else defaults["height"]

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.fsutil import atomic_dir
 from s2dit_mlx.models import wan
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 
@@ -616,10 +616,7 @@ def convert(
             metadata=meta,
         )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         config: dict = {"model_type": "s2dit", "dit": args.to_dict()}
         report.components.append(_convert_dit(ckpt.dits[0], args, tmp, **common("dit", True)))
         if len(ckpt.dits) == 2:
@@ -659,16 +656,6 @@ def convert(
         }
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "conversion_report.json", asdict(report))
-        if target.exists():
-            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if log is not None:
         for line in report.lines():
             log(line)

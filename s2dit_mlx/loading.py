@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import S2DiTError
+from .fsutil import atomic_dir
 from .models.byte_text_encoder import ByteTextEncoder, ByteTextEncoderConfig
 from .models.patch_vae import PatchVAE, PatchVAEConfig
 from .models.umt5 import UMT5Config, UMT5TextEncoder
@@ -443,12 +442,7 @@ def save_model(
         "text_encoder": text_cfg,
         "defaults": merged,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (unlike tempfile.mkdtemp) honours the umask, so the final folder gets the
-    # permissions any new folder would get.
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         (tmp / "vae").mkdir()
         (tmp / "text_encoder").mkdir()
         _write_json(tmp / CONFIG_NAME, config)
@@ -460,17 +454,6 @@ def save_model(
         for module, kind in ((vae, "vae"), (text_encoder, "text_encoder")):
             if hasattr(module, "save_assets"):  # e.g. the umT5 tokenizer.json
                 module.save_assets(tmp / kind)
-        if target.exists():
-            # Swap: old folder aside, new folder in, then drop the old one.
-            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -23,8 +23,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.fsutil import atomic_dir
 
 from .checkpoint import check_weights
 
@@ -228,24 +227,11 @@ def save_adapters(
         "layers": config.layers,
         "base_model": {"id": base_id, "sha256": base_sha256},
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         with open(tmp / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        if target.exists():
-            old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

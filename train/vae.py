@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.fsutil import atomic_dir
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
@@ -94,15 +95,9 @@ def latent_stats(vae: WanVAE, source, indices: list[int]) -> tuple[list[float], 
 
 def save_component(vae, out: Path) -> Path:
     """Write the VAE as a model-folder component (config.json + model.safetensors), atomically."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(vae.parameters())))
-    (tmp / "config.json").write_text(json.dumps(vae.config.to_dict(), indent=2) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.replace(out)
+    with atomic_dir(out) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(vae.parameters())))
+        (tmp / "config.json").write_text(json.dumps(vae.config.to_dict(), indent=2) + "\n")
     return out
 
 
@@ -186,11 +181,9 @@ def run(args: argparse.Namespace) -> Path:
         # Held-out clips (indices past anything trained on) for the latent statistics.
         held_out = list(range(10**7, 10**7 + 16))
         mean, std = latent_stats(vae, full_source, held_out)
+        # The stats only enter config.json (normalisation is derived from the config on load).
         vae.config.latents_mean, vae.config.latents_std = mean, std
-        result = save_component(model_cls(vae.config), out_dir / "vae")
-        weights = dict(tree_flatten(vae.parameters()))
-        mx.save_safetensors(str(result / "model.safetensors"), weights)
-    return result
+        return save_component(vae, out_dir / "vae")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import S2DiTError
+from ..fsutil import atomic_dir
 from . import emit
 from ._ct import quiet_progress
 from .emit import ATTENTION_EMITTERS, StreamShapes, ct, dit_state_specs
@@ -286,9 +286,7 @@ def export_coreml(
     _prepare_target(out_dir)
     args = dit.args
     dtype = PRECISIONS[precision]
-    tmp = out_dir.absolute().with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         t0 = time.perf_counter()
         save_dit_package(
             args,
@@ -344,16 +342,6 @@ def export_coreml(
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        if out_dir.exists():
-            old = out_dir.absolute().with_name(f".{out_dir.name}.{secrets.token_hex(4)}.old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

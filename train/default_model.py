@@ -10,7 +10,7 @@ hour, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
    with the diffusion-forcing flow objective (train.dit);
 5. the model folder, weights in float16, copied to s2dit_mlx/assets/default (--install).
 
-    python -m train.default_model --out runs/default --vae runs/vae/vae --install
+    python -m train.default_model --out runs/default --install
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ DEFAULTS = {
     "width": SIZE,
     "frames": CLIP_FRAMES,
     "fps": FPS,
-    "steps": 4,
-    "shift": 5.0,
-    "guidance": 1.0,
+    # Not distilled yet: more steps, no shift and CFG keep the object through later chunks.
+    "steps": 16,
+    "shift": 1.0,
+    "guidance": 3.0,
     "negative_prompt": "",
     "mode": "streaming",
     "solver": "unipc",
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> Path:
         "--model", str(init), "--out", str(out / "dit"), "--data",
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-        "--warmup", "100", "--ema", "0.999", "--checkpoint-every", "250", "--seed", str(args.seed),
+        "--warmup", "100", "--checkpoint-every", "250", "--seed", str(args.seed),
         "--clean-context-prob", "0.5", "--t-dist", "logit_normal",
     ]  # fmt: skip
     if args.resume:

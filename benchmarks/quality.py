@@ -57,7 +57,7 @@ def main() -> None:
             {
                 "prompt": prompt,
                 "seed": seed,
-                **{k: report[k] for k in ("colour", "shape", "motion", "all")},
+                **{k: report[k] for k in ("colour", "shape", "motion", "background", "all")},
                 "predicted": report["predicted"],
             }
         )

@@ -918,3 +918,40 @@ def test_cli_export_with_wan_vae(wan_model_dir, tmp_path, capsys):
     assert all(s["dtype"] == "fp16" for s in vae_m["states"])
     assert len(vae_m["states"]) == len(wan_structure(WanVAE(WanVAEConfig(**WAN21)), "2.1")[0])
     assert (out / DIT_PACKAGE).is_dir() and (out / VAE_PACKAGE).is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Compression on a trained model: the built-in default
+
+
+@pytest.mark.parametrize("compress", ["int8", "palette6"])
+def test_compressed_default_model_passes_35db(tmp_path, compress):
+    from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+
+    bundle = load_model(DEFAULT_MODEL_DIR)
+    dit = bundle.dit
+    dit.set_dtype(mx.float32)
+    args = dit.args
+    steps = [1000.0, 750.0, 500.0, 250.0]
+    context = np.array(bundle.text_encoder.encode(["a red circle moving left"]).astype(mx.float32))
+    context = verify.pad_context(context, args.text_len)
+    lat = bundle.defaults["height"] // bundle.vae.spatial_factor
+    noise = verify.make_noise(4, len(steps), (1, args.frames_per_chunk, lat, lat, args.in_dim), 7)
+    reference = list(verify.mlx_stream(dit, context, noise, steps))
+    out = tmp_path / compress
+    export_coreml(
+        dit,
+        None,
+        out,
+        height=bundle.defaults["height"],
+        width=bundle.defaults["width"],
+        compress_mode=compress,
+        precision="float16",
+        timesteps=steps,
+        fps=16.0,
+        spatial_factor=bundle.vae.spatial_factor,
+    )
+    got = list(verify.package_stream(Package(out / DIT_PACKAGE), context, noise, steps))
+    psnrs = [verify.psnr(r, g) for r, g in zip(reference, got, strict=True)]
+    print(f"{compress} on the built-in model: DiT PSNR per chunk {np.round(psnrs, 1)}")
+    assert min(psnrs) >= 35.0

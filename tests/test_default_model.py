@@ -23,7 +23,9 @@ def test_default_model_is_a_streaming_sandwich():
     assert "lcha" in layers and "ssa" in layers
     assert bundle.defaults["mode"] == "streaming"
     assert bundle.dit.args.window is not None  # bounded state for long streams
-    assert type(bundle.vae).__name__ == "WanVAE"
+    # A causal video VAE with Wan's 4x8x8 compression (the patch VAE for now, see train/).
+    assert (bundle.vae.temporal_factor, bundle.vae.spatial_factor) == (4, 8)
+    assert bundle.vae.z_dim == bundle.dit.args.in_dim
     assert type(bundle.text_encoder).__name__ == "UMT5TextEncoder"
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     assert config["defaults"]["height"] >= 64 and config["defaults"]["width"] >= 64

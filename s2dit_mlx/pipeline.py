@@ -16,6 +16,10 @@ Example:
     video = pipe.generate("a red fox running through snow", seed=1)  # uint8 [F, H, W, 3]
     for frames in pipe.stream("a red fox running through snow", seed=1):
         ...  # uint8 [f, H, W, 3] as each chunk is decoded
+
+`denoise()` + `decode()` split the bidirectional path in two and accept injected starting
+noise and text embeddings (how tests/test_wan_pipeline_parity.py reproduces diffusers'
+WanPipeline).
 """
 
 from __future__ import annotations
@@ -198,10 +202,22 @@ class Pipeline:
         mx.eval(context, neg if neg is not None else [])
         return context, neg
 
-    def _bidirectional_latents(self, s: GenerationSettings, context, neg, shape, bar) -> mx.array:
+    def _bidirectional_latents(
+        self,
+        s: GenerationSettings,
+        context,
+        neg,
+        shape,
+        bar,
+        latents: mx.array | None = None,
+        schedule: str = "wan",
+    ) -> mx.array:
         dtype = DTYPES[self.dtype]
-        solver = sampling.make_solver(s.solver, s.steps, s.shift)
-        x = mx.random.normal(shape, key=mx.random.key(s.seed)).astype(dtype)
+        solver = sampling.make_solver(s.solver, s.steps, s.shift, schedule=schedule)
+        if latents is None:
+            x = mx.random.normal(shape, key=mx.random.key(s.seed)).astype(dtype)
+        else:
+            x = latents.astype(dtype)
         for t in solver.timesteps:
             t_vec = mx.full((shape[0],), float(t), dtype=mx.float32)
             dit, guidance = self.dit, s.guidance
@@ -220,6 +236,77 @@ class Pipeline:
                 bar.update(1)
         return x
 
+    def denoise(
+        self,
+        prompt: str = "",
+        *,
+        latents: mx.array | None = None,
+        context: mx.array | None = None,
+        negative_context: mx.array | None = None,
+        schedule: str = "wan",
+        progress: bool = False,
+        **settings,
+    ) -> mx.array:
+        """Bidirectional sampling only: the clean latents [1, T, h, w, C] that generate() decodes.
+
+        The same loop as generate(mode="bidirectional"), with optional injections for
+        reproducing another implementation: `latents` replaces the seeded starting noise
+        [1, T, h, w, C] (its shape must match frames/height/width), `context` /
+        `negative_context` replace the text encoder's output for the prompt / negative prompt
+        ([1, L, text_dim]); `schedule="diffusers"` uses diffusers' UniPC noise levels
+        (sampling.FlowUniPCSolver). Decode the result with `decode()`.
+        """
+        s = self.settings(prompt, **{"mode": "bidirectional", **settings})
+        if s.mode != "bidirectional":
+            raise S2DiTError("denoise() runs the bidirectional mode only")
+        use_cfg = s.guidance != 1.0
+        shape = self._latent_shape(s)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise S2DiTError(
+                f"latents must have shape {shape} for {s.frames} frames at {s.height}x{s.width}, "
+                f"got {tuple(latents.shape)}"
+            )
+        dtype = DTYPES[self.dtype]
+        if context is None or (use_cfg and negative_context is None):
+            encoded, encoded_neg = self._encode_text(s, use_cfg)
+            context = encoded if context is None else context
+            negative_context = encoded_neg if negative_context is None else negative_context
+        for name, c in (("context", context), ("negative_context", negative_context)):
+            if c is not None and (c.ndim != 3 or c.shape[0] != 1):
+                raise S2DiTError(f"{name} must be [1, L, dim], got {tuple(c.shape)}")
+        context = context.astype(dtype)
+        neg = negative_context.astype(dtype) if use_cfg else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
+        try:
+            return self._bidirectional_latents(s, context, neg, shape, bar, latents, schedule)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Latents [B, T, h, w, C] -> float frames [B, F, H, W, 3] in [-1, 1], chunk by chunk
+        with one streaming decoder, as generate() decodes them."""
+        per_chunk = self._frames_per_chunk(latents.shape[1])
+        decoder = self.vae.decoder()
+        frames = [
+            decoder.decode(latents[:, i : i + per_chunk].astype(mx.float32))
+            for i in range(0, latents.shape[1], per_chunk)
+        ]
+        return mx.concatenate(frames, axis=1)
+
+    def _latent_shape(self, s: GenerationSettings) -> tuple[int, ...]:
+        sf = self.vae.spatial_factor
+        latent_frames = 1 + (s.frames - 1) // self.vae.temporal_factor
+        return (1, latent_frames, s.height // sf, s.width // sf, self.dit.args.in_dim)
+
+    def _frames_per_chunk(self, latent_frames: int) -> int:
+        per_chunk = getattr(self.dit.args, "frames_per_chunk", latent_frames) or latent_frames
+        return max(1, int(per_chunk))
+
     def stream(self, prompt: str, *, progress: bool = False, **settings) -> Iterator[np.ndarray]:
         """Yield uint8 frame batches [f, H, W, 3] as each latent chunk is decoded.
 
@@ -231,12 +318,10 @@ class Pipeline:
         return self._stream(s, progress)
 
     def _stream(self, s: GenerationSettings, progress: bool) -> Iterator[np.ndarray]:
-        args = self.dit.args
         dtype = DTYPES[self.dtype]
-        sf = self.vae.spatial_factor
-        latent_frames = 1 + (s.frames - 1) // self.vae.temporal_factor
-        lh, lw = s.height // sf, s.width // sf
-        per_chunk = max(1, int(getattr(args, "frames_per_chunk", latent_frames) or latent_frames))
+        shape = self._latent_shape(s)
+        _, latent_frames, lh, lw, _ = shape
+        per_chunk = self._frames_per_chunk(latent_frames)
         num_chunks = math.ceil(latent_frames / per_chunk)
         use_cfg = s.guidance != 1.0
 
@@ -273,7 +358,6 @@ class Pipeline:
                 )
             else:
                 t0 = time.perf_counter()
-                shape = (1, latent_frames, lh, lw, args.in_dim)
                 latents = self._bidirectional_latents(s, context, neg, shape, bar)
                 stats["denoise_s"] = time.perf_counter() - t0
                 if bar is not None:

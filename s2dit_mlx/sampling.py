@@ -26,6 +26,8 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 SOLVERS = ("euler", "unipc")
+# Noise-level grids of the UniPC solver: Wan's FlowUniPC, or diffusers' UniPCMultistepScheduler.
+UNIPC_SCHEDULES = ("wan", "diffusers")
 
 
 def shift_sigmas(sigmas, shift: float):
@@ -146,6 +148,11 @@ class FlowUniPCSolver(_FlowSolver):
     Step i: x0_i = x_i - s_i * v_i; correct x_i with x0_i (UniC, using the order of the
     previous predictor); then predict x_{i+1} from the corrected x_i and the last `order`
     x0 predictions (UniP). Scalar coefficients are computed in float64 numpy.
+
+    `schedule="diffusers"` swaps in the noise levels of diffusers' UniPCMultistepScheduler
+    as diffusers' WanPipeline configures it (use_flow_sigmas, flow_shift=shift):
+    shift(linspace(1, 1/N, n + 1)[:n]) with a first sigma of 1 nudged to 1 - 1e-6. The
+    update rule is the same; the noise levels differ from Wan's by up to ~0.007.
     """
 
     def __init__(
@@ -154,15 +161,28 @@ class FlowUniPCSolver(_FlowSolver):
         shift: float,
         num_train_timesteps: int = 1000,
         solver_order: int = 2,
+        schedule: str = "wan",
     ):
         super().__init__(num_steps, shift, num_train_timesteps)
         if not isinstance(solver_order, int) or solver_order < 1:
             raise S2DiTError(f"UniPC solver_order must be a positive integer, got {solver_order!r}")
+        if schedule not in UNIPC_SCHEDULES:
+            raise S2DiTError(
+                f"unknown UniPC schedule {schedule!r}; choose one of: {', '.join(UNIPC_SCHEDULES)}"
+            )
         self.solver_order = solver_order
-        # Wan's training grid tops out at 1 - 1/N (float32); the inference grid is spaced from it.
-        sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
-        s = np.linspace(sigma_max, 0.0, num_steps + 1)[:-1]
-        self._set_schedule(shift_sigmas(s, self.shift))
+        self.schedule = schedule
+        if schedule == "wan":
+            # Wan's training grid tops out at 1 - 1/N (float32); the inference grid starts there.
+            sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
+            sigmas = shift_sigmas(np.linspace(sigma_max, 0.0, num_steps + 1)[:-1], self.shift)
+        else:
+            # diffusers spaces n points from 1 to 1/N, and keeps lambda finite at sigma = 1.
+            s = np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+            sigmas = shift_sigmas(s, self.shift)
+            if abs(sigmas[0] - 1.0) < 1e-6:
+                sigmas[0] -= 1e-6
+        self._set_schedule(sigmas)
         sig = self.sigmas.astype(np.float64)
         with np.errstate(divide="ignore"):
             # lambda = log(alpha / sigma), alpha = 1 - sigma; +inf at the final sigma = 0.
@@ -243,12 +263,18 @@ class FlowUniPCSolver(_FlowSolver):
 
 
 def make_solver(
-    name: str, num_steps: int, shift: float, num_train_timesteps: int = 1000
+    name: str,
+    num_steps: int,
+    shift: float,
+    num_train_timesteps: int = 1000,
+    schedule: str = "wan",
 ) -> FlowEulerSolver | FlowUniPCSolver:
-    """Build a solver by name: "euler" or "unipc"."""
+    """Build a solver by name: "euler" or "unipc" (schedule "wan" or "diffusers", UniPC only)."""
     key = str(name).lower()
     if key == "euler":
+        if schedule != "wan":
+            raise S2DiTError(f"the Euler solver has only Wan's schedule, not {schedule!r}")
         return FlowEulerSolver(num_steps, shift, num_train_timesteps)
     if key == "unipc":
-        return FlowUniPCSolver(num_steps, shift, num_train_timesteps)
+        return FlowUniPCSolver(num_steps, shift, num_train_timesteps, schedule=schedule)
     raise S2DiTError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}")

@@ -74,7 +74,11 @@ DIT = dict(
     sink=1,
 )
 VAE = dict(
-    z_dim=4, hidden_dim=16, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0]
+    z_dim=4,
+    hidden_dim=16,
+    mlp_blocks=1,
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[0.5, 1.5, 1.0, 2.0],
 )
 
 

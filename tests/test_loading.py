@@ -396,6 +396,25 @@ def test_vae_decoder_is_causal():
     assert not mx.array_equal(a[:, n:], b[:, n:]).item()
 
 
+def test_vae_mlp_blocks_start_as_identity_then_train():
+    plain, deep = tiny_vae(seed=3), tiny_vae(seed=3, mlp_blocks=2)
+    weights = dict(tree_flatten(plain.parameters()))
+    deep.load_weights(list(weights.items()), strict=False)
+    video = mx.random.uniform(-1, 1, (1, 9, 16, 24, 3), key=mx.random.key(4))
+    # fc2 starts at zero: a deep VAE is the plain one until its blocks train
+    assert mx.array_equal(deep(video), plain(video)).item()
+    for block in (*deep.encoder.blocks, *deep.decoder_module.blocks):
+        block.fc2.weight = mx.random.normal(block.fc2.weight.shape, key=mx.random.key(5))
+    changed = deep(video)
+    assert mx.abs(changed - plain(video)).max().item() > 1e-2
+    z = deep.encode(video)
+    decoder = deep.decoder()
+    streamed = mx.concatenate([decoder.decode(z[:, :1]), decoder.decode(z[:, 1:])], axis=1)
+    assert mx.array_equal(streamed, changed).item()
+    with pytest.raises(S2DiTError, match="mlp_blocks must be a non-negative integer"):
+        PatchVAEConfig(mlp_blocks=-1).validate()
+
+
 def test_vae_encode_shapes_and_reset():
     vae = tiny_vae(temporal_kernel=3)
     video = mx.random.uniform(-1, 1, (1, 9, 16, 24, 3))

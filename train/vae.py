@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base-dim", type=int, default=8, help="Wan VAE: width of the first level")
     p.add_argument("--hidden-dim", type=int, default=256, help="patch VAE: hidden width")
+    p.add_argument(
+        "--mlp-blocks", type=int, default=0, help="patch VAE: residual MLP blocks on each side"
+    )
     p.add_argument("--z-dim", type=int, default=16, help="latent channels")
     p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
@@ -143,7 +146,9 @@ def run(args: argparse.Namespace) -> Path:
         cfg = WanVAEConfig(base_dim=args.base_dim, z_dim=args.z_dim, num_res_blocks=args.res_blocks)
         model_cls = WanVAE
     else:
-        cfg = PatchVAEConfig(z_dim=args.z_dim, hidden_dim=args.hidden_dim)
+        cfg = PatchVAEConfig(
+            z_dim=args.z_dim, hidden_dim=args.hidden_dim, mlp_blocks=args.mlp_blocks
+        )
         model_cls = PatchVAE
     cfg.validate()
     mx.random.seed(args.seed)

@@ -113,6 +113,10 @@ def decoder_function(vae, weights: dict, latent_height: int, latent_width: int, 
         )  # [1, hidden, 1, h, w]
         x = mb.silu(x=x)
         x = mb.reshape(x=mb.transpose(x=x, perm=[0, 2, 3, 4, 1]), shape=[1, h * w, -1])
+        for i in range(cfg.mlp_blocks):  # residual MLP blocks, per latent position
+            prefix = f"decoder_module.blocks.{i}"
+            inner = mb.silu(x=linear(ctx, x, prefix + ".fc1"))
+            x = mb.add(x=x, y=linear(ctx, inner, prefix + ".fc2"))
         x = linear(ctx, x, "decoder_module.patch_out")  # [1, h*w, tf*sf*sf*3]
         tf, sf = cfg.temporal_factor, cfg.spatial_factor
         x = mb.reshape(x=x, shape=[h, w, tf, sf, sf * 3])

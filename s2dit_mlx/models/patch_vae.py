@@ -10,8 +10,9 @@ models, the CLI fixture) and follows the same VAE interface the pipeline uses:
   `vae.decoder()`, giving exactly the frames of a one-shot decode.
 
 Layout per latent frame t (channels-last, [B, T, h, w, C]):
-    encode: patch of (4 frames x 8 x 8 x 3) -> Linear -> SiLU -> causal Conv3d -> z
-    decode: z -> causal Conv3d -> SiLU -> Linear -> patch of (4 frames x 8 x 8 x 3)
+    encode: patch of (4 frames x 8 x 8 x 3) -> Linear -> SiLU -> [MLP blocks] -> causal Conv3d -> z
+    decode: z -> causal Conv3d -> SiLU -> [MLP blocks] -> Linear -> patch of (4 frames x 8 x 8 x 3)
+where each of the `mlp_blocks` optional blocks is h + Linear(SiLU(Linear(h))) per position.
 The first latent frame's pixel group is its one frame repeated 4 times (encode) and
 the last of the 4 decoded frames (decode), so one set of weights serves both cases.
 """
@@ -38,6 +39,8 @@ class PatchVAEConfig:
     # Causal conv kernel in latent frames (time) and pixels of the latent grid (space).
     temporal_kernel: int = 2
     spatial_kernel: int = 3
+    # Residual per-position MLP blocks on each side (0: a single hidden layer, as in v1 folders).
+    mlp_blocks: int = 0
     # Latents are stored normalised: z_norm = (z - mean) / std, per channel (as Wan does).
     latents_mean: list[float] = field(default_factory=list)
     latents_std: list[float] = field(default_factory=list)
@@ -62,6 +65,10 @@ class PatchVAEConfig:
                 raise S2DiTError(
                     f"patch VAE config: {name} must be a positive integer, got {value!r}"
                 )
+        if not isinstance(self.mlp_blocks, int) or self.mlp_blocks < 0:
+            raise S2DiTError(
+                f"patch VAE config: mlp_blocks must be a non-negative integer, got {self.mlp_blocks!r}"
+            )
         if self.spatial_kernel < 1 or self.spatial_kernel % 2 == 0:
             raise S2DiTError(
                 f"patch VAE config: spatial_kernel must be odd, got {self.spatial_kernel!r}"
@@ -100,6 +107,20 @@ class CausalConv3d(nn.Module):
         return y, new_history
 
 
+class MLPBlock(nn.Module):
+    """h + fc2(SiLU(fc1(h))) at every latent position; fc2 starts at zero (an identity block)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.fc2.weight = mx.zeros_like(self.fc2.weight)
+        self.fc2.bias = mx.zeros_like(self.fc2.bias)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return h + self.fc2(nn.silu(self.fc1(h)))
+
+
 class Encoder(nn.Module):
     """Pixel patches -> latents, causal in time."""
 
@@ -107,10 +128,14 @@ class Encoder(nn.Module):
         super().__init__()
         patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
         self.patch_in = nn.Linear(patch, cfg.hidden_dim)
+        self.blocks = [MLPBlock(cfg.hidden_dim) for _ in range(cfg.mlp_blocks)]
         self.conv = CausalConv3d(cfg.hidden_dim, cfg.z_dim, cfg.temporal_kernel, cfg.spatial_kernel)
 
     def __call__(self, patches: mx.array) -> mx.array:
-        y, _ = self.conv(nn.silu(self.patch_in(patches)))
+        h = nn.silu(self.patch_in(patches))
+        for block in self.blocks:
+            h = block(h)
+        y, _ = self.conv(h)
         return y
 
 
@@ -121,11 +146,15 @@ class Decoder(nn.Module):
         super().__init__()
         patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
         self.conv = CausalConv3d(cfg.z_dim, cfg.hidden_dim, cfg.temporal_kernel, cfg.spatial_kernel)
+        self.blocks = [MLPBlock(cfg.hidden_dim) for _ in range(cfg.mlp_blocks)]
         self.patch_out = nn.Linear(cfg.hidden_dim, patch)
 
     def __call__(self, z: mx.array, history: mx.array | None = None):
         h, history = self.conv(z, history)
-        return self.patch_out(nn.silu(h)), history
+        h = nn.silu(h)
+        for block in self.blocks:
+            h = block(h)
+        return self.patch_out(h), history
 
 
 class StreamingDecoder:

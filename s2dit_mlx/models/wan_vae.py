@@ -738,6 +738,36 @@ class WanStreamingDecoder:
         return mx.clip(frames, -1.0, 1.0) if clip else frames
 
 
+# Convs that read SiLU(RMSNorm(x)); every other conv reads the linear residual stream.
+_AFTER_SILU = ("conv1", "conv2", "conv_out")
+
+
+def _init_for_training(model: nn.Module) -> None:
+    """Variance-preserving conv init: weights N(0, gain / fan_in), zero biases.
+
+    Gain 2 (He) for convs after a SiLU, 1 for convs on the residual stream (resamplers,
+    shortcuts, time convs, conv_in, quant convs, attention qkv). The default (PyTorch's and
+    MLX's) U(+-1/sqrt(fan_in)) has gain 1/3: every resample / shortcut conv shrinks the stream
+    while each residual branch adds an O(1), mostly input-independent term (RMSNorm does not
+    centre, SiLU's output has a positive mean), so at a small width the input signal fades to
+    ~1% of the activations by the bottleneck and the decoder output, and training falls into
+    predicting the mean clip (posterior collapse; diffusers' AutoencoderKLWan does the same).
+    Loaded weights replace all of this; the attention proj keeps Wan's zero init.
+    """
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, (nn.Conv2d, nn.Conv3d)) or leaf == "proj":
+            continue
+        w = module.weight
+        module.bias = mx.zeros_like(module.bias)
+        if leaf == "conv2":  # each residual branch starts as zero: blocks start as identity
+            module.weight = mx.zeros_like(w)
+            continue
+        gain = 2.0 if leaf in _AFTER_SILU else 1.0
+        std = (gain / int(np.prod(w.shape[1:]))) ** 0.5  # MLX layout: fan_in = all but axis 0
+        module.weight = std * mx.random.normal(w.shape, dtype=w.dtype)
+
+
 class WanVAE(nn.Module):
     """The Wan 2.1 / 2.2 VAE with the pipeline's VAE interface."""
 
@@ -754,6 +784,7 @@ class WanVAE(nn.Module):
         self._mean = mx.array(config.latents_mean or [0.0] * z, dtype=mx.float32)
         self._std = mx.array(config.latents_std or [1.0] * z, dtype=mx.float32)
         self._tile: tuple[int, int] | None = None  # (tile, stride) in pixels when tiling
+        _init_for_training(self)
 
     # -- interface properties --------------------------------------------------------------
 

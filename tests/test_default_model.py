@@ -41,3 +41,25 @@ def test_generate_without_model_uses_the_default(tmp_path, capsys):
     assert video.shape[1:] == (meta["settings"]["height"], meta["settings"]["width"], 3)
     assert meta["model_path"] == str(DEFAULT_MODEL_DIR)
     assert np.std(video) > 5  # not a blank clip
+
+
+def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
+    """`python -m train.default_model` at a few steps: every stage runs and the folder works."""
+    from train import default_model
+
+    monkeypatch.setenv(default_model.LATENTS_ENV, "")  # the recipe sets it; undone afterwards
+    run = tmp_path / "run"
+    argv = ["--out", str(run), "--vae-steps", "2", "--vae-mlp-blocks", "1", "--clips", "8"]
+    argv += ["--steps", "2", "--batch-size", "2"]
+    assert default_model.main(argv) == 0, capsys.readouterr().err
+    bundle = load_model(run / "model")
+    assert bundle.vae.config.mlp_blocks == 1 and bundle.vae.config.latents_std
+    assert bundle.defaults == default_model.DEFAULTS
+    assert (run / "dit" / "loss.json").exists() and (run / "vae_run" / "loss.json").exists()
+    out = tmp_path / "clip.gif"
+    code = cli.main(
+        ["generate", "a red circle moving left", "--model", str(run / "model")]
+        + ["-o", str(out), "--frames", "9", "--steps", "2", "--seed", "1"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert read_video(out).shape == (9, 64, 64, 3)

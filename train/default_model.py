@@ -193,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vae-arch", choices=["wan", "patch"], default="patch", help="VAE to train without --vae"
     )
+    p.add_argument(
+        "--vae-mlp-blocks", type=int, default=2, help="patch VAE: residual MLP blocks per side"
+    )
     p.add_argument("--clips", type=int, default=2000, help="training clips to encode")
     p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the DiT (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -212,16 +216,17 @@ def run(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vae_dir = Path(args.vae) if args.vae else out / "vae_run" / "vae"
     if not (vae_dir / "config.json").exists():
-        train_vae.main(
-            [
-                "--out",
-                str(out / "vae_run"),
-                "--steps",
-                str(args.vae_steps),
-                "--seed",
-                str(args.seed),
-            ]
-        )
+        vae_argv = [
+            "--out", str(out / "vae_run"), "--arch", args.vae_arch, "--steps", str(args.vae_steps),
+            "--batch-size", "16", "--frames", "9", "--crop", "0", "--lr", "1e-3",
+            "--warmup", "50", "--checkpoint-every", "200", "--seed", str(args.seed),
+        ]  # fmt: skip
+        if args.vae_arch == "patch":
+            vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]
+        if args.resume:
+            vae_argv.append("--resume")
+        if train_vae.main(vae_argv) != 0:
+            raise S2DiTError("VAE training failed")
     init = build_init(out, vae_dir, args.seed)
     bundle = load_model(init)
     latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
@@ -231,7 +236,7 @@ def run(args: argparse.Namespace) -> Path:
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--warmup", "100", "--checkpoint-every", "250", "--seed", str(args.seed),
-        "--clean-context-prob", "0.5", "--t-dist", "logit_normal",
+        "--clean-context-prob", "0.5", "--t-dist", "logit_normal", "--ema", str(args.ema),
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")

@@ -111,12 +111,59 @@ def coreml_table(r: dict) -> list[str]:
     return lines
 
 
+def wan_vs_torch_table(r: dict) -> list[str]:
+    """The Wan teacher vs PyTorch: speed ratios, errors and peak memory."""
+    lines = [
+        f"**Wan teacher, MLX vs PyTorch {r['torch']} + diffusers {r['diffusers']}** (CPU, "
+        f"torch threads {r['torch_threads']}, MLX BLAS threads "
+        f"{r.get('openblas_threads', 'default')}; seconds; `benchmarks/wan_vs_torch.py`)",
+    ]
+    if "dit" in r or "vae" in r:
+        lines += [
+            "",
+            "| what | size | torch | MLX | torch / MLX | max error |",
+            "|---|---|---|---|---|---|",
+        ]
+    if "dit" in r:
+        d = r["dit"]
+        for row in d["rows"]:
+            lines.append(
+                f"| DiT forward, {d['layers']} layers, dim {d['dim']}, fp32 | {row['tokens']} "
+                f"tokens | {row['torch_s']:.2f} | {row['mlx_s']:.2f} | "
+                f"{row['torch_over_mlx']:.2f} | {row['max_rel_err']:.1e} (rel) |"
+            )
+    if "vae" in r:
+        v = r["vae"]
+        lines.append(
+            f"| Wan2.1 VAE decode, fp32 | {v['latent_frames']}x{v['latent_grid'][0]}x"
+            f"{v['latent_grid'][1]} latents -> {v['pixel_frames']} frames | {v['torch_s']:.1f} | "
+            f"{v['mlx_s']:.1f} | {v['torch_over_mlx']:.2f} | {v['max_abs_err']:.1e} (abs) |"
+        )
+    if "convert" in r or "steps" in r:
+        lines += ["", "| memory | size | peak | time |", "|---|---|---|---|"]
+    if "convert" in r:
+        c = r["convert"]
+        lines.append(
+            f"| convert.wan, random {c['layers']}-layer 1.3B-shaped bf16 checkpoint "
+            f"({c['checkpoint_gb']:.2f} GB) | whole process | {c['peak_rss_gb']:.2f} GB (RSS) | "
+            f"{c['seconds']:.1f} s |"
+        )
+    for s in r.get("steps", []):
+        lines.append(
+            f"| one CFG denoising step, {s['layers']} layers, bf16 weights, "
+            f"{s['compute']} compute | {s['tokens']} tokens | {s['peak_gb']:.2f} GB "
+            f"(weights {s['weights_gb']:.2f}) | {s['seconds']:.1f} s |"
+        )
+    return lines
+
+
 RENDERERS = {
     "gemm": gemm_table,
     "attention": attention_table,
     "streaming": streaming_table,
     "quality": quality_table,
     "coreml": coreml_table,
+    "wan_vs_torch": wan_vs_torch_table,
 }
 
 

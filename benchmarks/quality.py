@@ -27,6 +27,11 @@ from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 
 
+def _stat(fn, values: list[float]) -> float | None:
+    """fn(values) as a float, or None when there are none (--long-prompts 0)."""
+    return float(fn(values)) if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
@@ -35,10 +40,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--long-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--guidance", type=float, help="override the model's default CFG scale")
+    parser.add_argument("--steps", type=int, help="override the model's default denoising steps")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     opts = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(opts.model)
+    overrides = {k: getattr(opts, k) for k in ("guidance", "steps") if getattr(opts, k) is not None}
     fps = pipe.defaults["fps"]
     rng = np.random.default_rng(opts.seed)
 
@@ -50,7 +58,7 @@ def main() -> None:
     for i in range(opts.prompts):
         prompt, seed = random_prompt(rng), int(rng.integers(0, 2**31))
         start = time.perf_counter()
-        video = pipe.generate(prompt, frames=short, seed=seed)
+        video = pipe.generate(prompt, frames=short, seed=seed, **overrides)
         clip_times.append(time.perf_counter() - start)
         report = evaluate(video, prompt)
         reports.append(
@@ -72,7 +80,7 @@ def main() -> None:
         start = time.perf_counter()
         batches = []
         first = None
-        for batch in pipe.stream(prompt, frames=long, seed=seed):
+        for batch in pipe.stream(prompt, frames=long, seed=seed, **overrides):
             batches.append(batch)
             if first is None:
                 first = time.perf_counter() - start
@@ -96,12 +104,13 @@ def main() -> None:
         "size": [pipe.defaults["height"], pipe.defaults["width"]],
         "fps": fps,
         "clip_frames": short,
+        "settings": {**{k: pipe.defaults[k] for k in ("steps", "guidance", "mode")}, **overrides},
         "accuracy": {k: acc[k] for k in ("colour", "shape", "motion", "all")},
         "seconds_per_clip": float(np.median(clip_times)),
         "long_clip_frames": long,
-        "long_coherence_mean": float(np.mean([r["coherence"] for r in long_runs])),
-        "long_coherence_min": float(np.min([r["coherence"] for r in long_runs])),
-        "streaming_frames_per_s": float(np.median([r["frames_per_s"] for r in long_runs])),
+        "long_coherence_mean": _stat(np.mean, [r["coherence"] for r in long_runs]),
+        "long_coherence_min": _stat(np.min, [r["coherence"] for r in long_runs]),
+        "streaming_frames_per_s": _stat(np.median, [r["frames_per_s"] for r in long_runs]),
         "machine": {"platform": platform.platform()},
         "clips": reports,
         "long_clips": long_runs,

@@ -1,10 +1,11 @@
 """`python -m train.default_model`: train the built-in default model from nothing.
 
-The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in about an
-hour, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
+The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
+hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
 1. a Unigram tokenizer (`tokenizers`) on every caption the world can produce;
-2. a small Wan-architecture VAE (train.vae), unless --vae names a trained one;
+2. a small VAE (train.vae; the causal patch VAE with MLP blocks by default, or --vae-arch wan
+   for the Wan architecture at a small width), unless --vae names a trained one;
 3. the latents of N training clips, encoded once and cached;
 4. the streaming S2DiT sandwich (LCHA + SSA) and a small umT5 text encoder, trained jointly
    with the diffusion-forcing flow objective (train.dit);
@@ -189,18 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--vae", metavar="DIR", help="a trained VAE component folder (train.vae)")
-    p.add_argument("--vae-steps", type=int, default=1500, help="VAE steps when --vae is not given")
+    p.add_argument("--vae-steps", type=int, default=3000, help="VAE steps when --vae is not given")
     p.add_argument(
         "--vae-arch", choices=["wan", "patch"], default="patch", help="VAE to train without --vae"
     )
     p.add_argument(
         "--vae-mlp-blocks", type=int, default=2, help="patch VAE: residual MLP blocks per side"
     )
-    p.add_argument("--clips", type=int, default=2000, help="training clips to encode")
+    p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
     p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the DiT (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -219,7 +220,7 @@ def run(args: argparse.Namespace) -> Path:
         vae_argv = [
             "--out", str(out / "vae_run"), "--arch", args.vae_arch, "--steps", str(args.vae_steps),
             "--batch-size", "16", "--frames", "9", "--crop", "0", "--lr", "1e-3",
-            "--warmup", "50", "--checkpoint-every", "200", "--seed", str(args.seed),
+            "--warmup", "50", "--checkpoint-every", "250", "--seed", str(args.seed),
         ]  # fmt: skip
         if args.vae_arch == "patch":
             vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]

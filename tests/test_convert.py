@@ -12,9 +12,7 @@ one clear S2DiTError line for a missing shard, a wrong architecture, a truncated
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import s2dit_mlx  # noqa: F401
@@ -24,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from wan_tiny import official_wan_module
 
 from convert import wan as convert_wan
 from convert.weights import SafetensorsFile, read_pth
@@ -40,31 +39,6 @@ RTOL = 1e-4
 # dims are multiples of the quantization group (64) so every block linear gets quantized
 TINY = dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=4, out_dim=4)
 TEXT_DIM, FREQ_DIM, TEXT_LEN = 64, 256, 512
-
-
-def official_wan_module():
-    """wan22's wan/modules/model.py without `import wan` (whose __init__ needs CUDA)."""
-    if "wan.modules.model" in sys.modules:
-        return sys.modules["wan.modules.model"]
-    spec = importlib.util.find_spec("wan")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("wan22 (official Wan code) is not installed")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for name, path in (("wan", root), ("wan.modules", root / "modules")):
-        if name not in sys.modules:
-            # a package that is never executed, with a real spec (find_spec("wan") still works)
-            stub_spec = importlib.util.spec_from_file_location(
-                name, path / "__init__.py", submodule_search_locations=[str(path)]
-            )
-            sys.modules[name] = importlib.util.module_from_spec(stub_spec)
-    for name in ("attention", "model"):
-        mod_spec = importlib.util.spec_from_file_location(
-            f"wan.modules.{name}", root / "modules" / f"{name}.py"
-        )
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[f"wan.modules.{name}"] = module
-        mod_spec.loader.exec_module(module)
-    return sys.modules["wan.modules.model"]  # forward() is not run here: no attention swap
 
 
 def randomise(module, seed: int) -> None:

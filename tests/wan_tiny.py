@@ -47,7 +47,7 @@ _T5_LAYER = {
 }
 
 
-def official_wan_model_module():
+def official_wan_module():
     """wan22's wan/modules/model.py without `import wan` (its __init__ needs CUDA)."""
     if "wan.modules.model" in sys.modules:
         return sys.modules["wan.modules.model"]
@@ -76,7 +76,7 @@ def official_models(seed: int = 0):
     """(WanModel, WanVAE_, UMT5EncoderModel): tiny, every parameter random."""
     transformers = pytest.importorskip("transformers")
     dit = (
-        official_wan_model_module()
+        official_wan_module()
         .WanModel(
             model_type="t2v",
             text_len=TEXT_LEN,

@@ -2,7 +2,9 @@
 
 import json
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from s2dit_mlx import cli
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
@@ -63,3 +65,39 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     )
     assert code == 0, capsys.readouterr().err
     assert read_video(out).shape == (9, 64, 64, 3)
+
+    # --init continues the finished folder: no VAE stage, same VAE, the DiT starts from it.
+    more = tmp_path / "more"
+    argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
+    assert default_model.main(argv + ["--steps", "2", "--batch-size", "2"]) == 0
+    assert not (more / "vae_run").exists()
+    start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
+    for name, value in tree_flatten(before.vae.parameters()):
+        assert np.array_equal(np.array(dict(tree_flatten(after.vae.parameters()))[name]), value)
+    start_dit = dict(tree_flatten(start.dit.parameters()))
+    for name, value in tree_flatten(before.dit.parameters()):
+        assert start_dit[name].dtype == mx.float32  # trains in float32 from the float16 folder
+        assert np.array_equal(np.array(start_dit[name]), np.array(value.astype(mx.float32)))
+    moved = [
+        name
+        for name, value in tree_flatten(after.dit.parameters())
+        if not np.array_equal(
+            np.array(value), np.array(dict(tree_flatten(before.dit.parameters()))[name])
+        )
+    ]
+    assert moved  # the two steps trained it
+    assert (more / "tokenizer.json").read_text() == (
+        run / "model" / "text_encoder" / "tokenizer.json"
+    ).read_text()
+
+
+def test_default_model_recipe_rejects_bad_init(tmp_path, capsys):
+    from train import default_model
+
+    argv = ["--out", str(tmp_path / "run"), "--init", str(tmp_path / "nowhere")]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --init: no model folder") and "\n" not in err
+    argv = ["--out", str(tmp_path / "run"), "--init", str(DEFAULT_MODEL_DIR), "--vae", "x"]
+    assert default_model.main(argv) == 2
+    assert "not both" in capsys.readouterr().err

@@ -169,12 +169,32 @@ def build_init(out: Path, vae_dir: Path, seed: int) -> Path:
     return init
 
 
-def to_float16(model_dir: Path, target: Path) -> Path:
-    """Copy a model folder with every floating weight stored as float16 (half the size)."""
+def copy_as(model_dir: Path, target: Path, dtype: mx.Dtype) -> Path:
+    """Copy a model folder with every floating weight stored as `dtype`."""
     bundle = load_model(model_dir)
     for module in (bundle.dit, bundle.vae, bundle.text_encoder):
-        module.set_dtype(mx.float16)
+        module.set_dtype(dtype)
     return save_model(target, bundle.dit, bundle.vae, bundle.text_encoder, bundle.defaults)
+
+
+def to_float16(model_dir: Path, target: Path) -> Path:
+    """Copy a model folder with every floating weight stored as float16 (half the size)."""
+    return copy_as(model_dir, target, mx.float16)
+
+
+def continue_from(model_dir: Path, out: Path) -> Path:
+    """The starting folder of a run that continues a finished model: float32, its tokenizer."""
+    init = out / "init"
+    if (init / "config.json").exists():
+        return init
+    if not (model_dir / "config.json").is_file():
+        raise S2DiTError(f"--init: no model folder at {model_dir} (config.json missing)")
+    tokenizer = load_model(model_dir).text_encoder.tokenizer
+    if tokenizer is None:
+        raise S2DiTError(f"--init: {model_dir} has no text-encoder tokenizer")
+    tokenizer.save(out / "tokenizer.json")  # latents_source tokenizes with the model's own
+    copy_as(model_dir, init, mx.float32)  # train in float32 even from a float16 folder
+    return init
 
 
 def folder_mb(path: Path) -> float:
@@ -190,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--vae", metavar="DIR", help="a trained VAE component folder (train.vae)")
+    p.add_argument(
+        "--init",
+        metavar="MODEL_DIR",
+        help="continue a finished model folder (its VAE, text encoder and DiT) with a fresh "
+        "schedule and fresh clips (use a new --seed); skips the VAE stage",
+    )
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE steps when --vae is not given")
     p.add_argument(
         "--vae-arch", choices=["wan", "patch"], default="patch", help="VAE to train without --vae"
@@ -208,27 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def vae_stage(args: argparse.Namespace, out: Path) -> Path:
+    """Train the VAE with train.vae (or continue it with --resume); returns its folder."""
+    from . import vae as train_vae
+
+    vae_dir = out / "vae_run" / "vae"
+    if (vae_dir / "config.json").exists():
+        return vae_dir
+    vae_argv = [
+        "--out", str(out / "vae_run"), "--arch", args.vae_arch, "--steps", str(args.vae_steps),
+        "--batch-size", "16", "--frames", "9", "--crop", "0", "--lr", "1e-3",
+        "--warmup", "50", "--checkpoint-every", "250", "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.vae_arch == "patch":
+        vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]
+    if args.resume:
+        vae_argv.append("--resume")  # from step 0 when the VAE run has no checkpoint yet
+    if train_vae.main(vae_argv) != 0:
+        raise S2DiTError("VAE training failed")
+    return vae_dir
+
+
 def run(args: argparse.Namespace) -> Path:
     """All stages; returns the final float16 model folder."""
     from . import dit as train_dit
-    from . import vae as train_vae
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vae_dir = Path(args.vae) if args.vae else out / "vae_run" / "vae"
-    if not (vae_dir / "config.json").exists():
-        vae_argv = [
-            "--out", str(out / "vae_run"), "--arch", args.vae_arch, "--steps", str(args.vae_steps),
-            "--batch-size", "16", "--frames", "9", "--crop", "0", "--lr", "1e-3",
-            "--warmup", "50", "--checkpoint-every", "250", "--seed", str(args.seed),
-        ]  # fmt: skip
-        if args.vae_arch == "patch":
-            vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]
-        if args.resume:
-            vae_argv.append("--resume")
-        if train_vae.main(vae_argv) != 0:
-            raise S2DiTError("VAE training failed")
-    init = build_init(out, vae_dir, args.seed)
+    if args.init and args.vae:
+        raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
+    if args.init:
+        init = continue_from(Path(args.init), out)
+    else:
+        vae_dir = Path(args.vae) if args.vae else vae_stage(args, out)
+        init = build_init(out, vae_dir, args.seed)
     bundle = load_model(init)
     latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
     os.environ[LATENTS_ENV] = str(latents)

@@ -106,10 +106,20 @@ def stream_latent_chunks(
     """
     args = model.args
     use_cfg = guidance != 1.0 and neg_context is not None
-    cache = model.make_cache()
-    neg_cache = model.make_cache() if use_cfg else None
-    key = mx.random.key(seed)
+    # Guidance runs the two prompts as one doubled batch with one cache (half the dispatches of
+    # two passes; the model is per-sample, so this equals two caches); unequal shapes cannot stack.
+    batched_cfg = use_cfg and neg_context.shape == context.shape
     batch = context.shape[0]
+    if batched_cfg:
+        context = mx.concatenate([context, neg_context.astype(context.dtype)])
+    copies = 2 if batched_cfg else 1
+
+    def stacked(a: mx.array) -> mx.array:
+        return mx.concatenate([a] * copies) if copies > 1 else a
+
+    cache = model.make_cache()
+    neg_cache = model.make_cache() if use_cfg and not batched_cfg else None
+    key = mx.random.key(seed)
     done = 0
     while done < num_latent_frames:
         frames = min(args.frames_per_chunk, num_latent_frames - done)
@@ -118,10 +128,13 @@ def stream_latent_chunks(
         x = mx.random.normal(shape, key=sub).astype(dtype)
         x0 = x
         for i, t in enumerate(timesteps):
-            t_vec = mx.full((batch,), t, dtype=mx.float32)
-            v = model(x, t_vec, context, cache=cache)
-            if use_cfg:
+            t_vec = mx.full((copies * batch,), t, dtype=mx.float32)
+            v = model(stacked(x), t_vec, context, cache=cache)
+            if batched_cfg:
+                v, v_neg = v[:batch], v[batch:]
+            elif use_cfg:
                 v_neg = model(x, t_vec, neg_context, cache=neg_cache)
+            if use_cfg:
                 v = v_neg + guidance * (v - v_neg)
             sigma = t / 1000.0
             x0 = (x.astype(mx.float32) - sigma * v.astype(mx.float32)).astype(dtype)
@@ -131,10 +144,10 @@ def stream_latent_chunks(
                 noise = mx.random.normal(shape, key=sub).astype(dtype)
                 x = ((1.0 - s_next) * x0 + s_next * noise).astype(dtype)
             mx.eval(x, x0)
-        zero = mx.zeros((batch,), dtype=mx.float32)
-        model(x0, zero, context, cache=cache, update_cache=True)
-        if use_cfg:
+        zero = mx.zeros((copies * batch,), dtype=mx.float32)
+        model(stacked(x0), zero, context, cache=cache, update_cache=True)
+        if neg_cache is not None:
             model(x0, zero, neg_context, cache=neg_cache, update_cache=True)
-        mx.eval(cache.arrays(), neg_cache.arrays() if use_cfg else [])
+        mx.eval(cache.arrays(), neg_cache.arrays() if neg_cache is not None else [])
         done += frames
         yield x0

@@ -166,6 +166,61 @@ def test_generator_future_frames_never_change_past_ones():
     assert np.abs(other_seed[0] - short[0]).max() > 1e-3
 
 
+def two_cache_guided_stream(model, ctx, neg, frames, timesteps, guidance, seed):
+    """Reference guidance: the prompt and the negative prompt each with its own cache."""
+    caches = [model.make_cache(), model.make_cache()]
+    key, done, chunks = mx.random.key(seed), 0, []
+    while done < frames:
+        n = min(model.args.frames_per_chunk, frames - done)
+        shape = (1, n, 4, 4, model.args.in_dim)
+        key, sub = mx.random.split(key)
+        x = mx.random.normal(shape, key=sub)
+        for i, t in enumerate(timesteps):
+            t_vec = mx.full((1,), t)
+            v_pos, v_neg = (
+                model(x, t_vec, c, cache=k) for c, k in zip((ctx, neg), caches, strict=True)
+            )
+            x0 = x - t / 1000.0 * (v_neg + guidance * (v_pos - v_neg))
+            if i + 1 < len(timesteps):
+                key, sub = mx.random.split(key)
+                s_next = timesteps[i + 1] / 1000.0
+                x = (1.0 - s_next) * x0 + s_next * mx.random.normal(shape, key=sub)
+        for c, k in zip((ctx, neg), caches, strict=True):
+            model(x0, mx.zeros((1,)), c, cache=k, update_cache=True)
+        chunks.append(np.array(x0))
+        done += n
+    return chunks
+
+
+def test_guided_stream_batches_both_prompts_like_two_caches():
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    rng = np.random.default_rng(5)
+    ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
+    timesteps = [1000.0, 750.0, 500.0]
+    kwargs = dict(num_latent_frames=5, latent_height=4, latent_width=4, timesteps=timesteps)
+    got = [
+        np.array(c)
+        for c in stream_latent_chunks(model, ctx, **kwargs, seed=2, neg_context=neg, guidance=4.0)
+    ]
+    want = two_cache_guided_stream(model, ctx, neg, 5, timesteps, 4.0, seed=2)
+    assert [c.shape[1] for c in got] == [2, 2, 1]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
+    unguided = [np.array(c) for c in stream_latent_chunks(model, ctx, **kwargs, seed=2)]
+    assert np.abs(unguided[-1] - got[-1]).max() > 1e-2  # guidance changes the result
+    # A negative context of another length cannot be stacked: two caches, same answer.
+    longer = mx.concatenate([neg, mx.zeros((1, 1, 8))], axis=1)
+    got = [
+        np.array(c)
+        for c in stream_latent_chunks(
+            model, ctx, **kwargs, seed=2, neg_context=longer, guidance=4.0
+        )
+    ]
+    want = two_cache_guided_stream(model, ctx, longer, 5, timesteps, 4.0, seed=2)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
+
+
 def test_generator_state_equals_one_block_causal_pass():
     """The clean passes that fill the cache equal one block-causal pass over the clean video."""
     model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)

@@ -924,6 +924,31 @@ def test_cli_export_with_wan_vae(wan_model_dir, tmp_path, capsys):
     assert (out / DIT_PACKAGE).is_dir() and (out / VAE_PACKAGE).is_dir()
 
 
+@pytest.mark.slow
+def test_palette_aware_weights_export_exactly(tiny, tmp_path):
+    """Weights snapped by palette-aware training (train.palette) survive palette6 unchanged."""
+    from train.palette import palette_targets, snap_weights
+
+    dit, _, context, noise = tiny[:4]
+    snapped = S2DiT(ModelArgs(**DIT))
+    snapped.load_weights(tree_flatten(dit.parameters()), strict=True)
+    snap_weights(snapped, 6, palette_targets(snapped, min_size=256))
+    reference = list(verify.mlx_stream(snapped, context, noise, TIMESTEPS))
+    psnrs = {}
+    for mode in ("none", "palette6"):
+        out = tmp_path / mode
+        export_coreml(snapped, None, out, height=HEIGHT, width=WIDTH, compress_mode=mode,
+                      precision="float16", timesteps=TIMESTEPS, fps=8.0, weight_threshold=256)  # fmt: skip
+        got = verify.package_stream(Package(out / DIT_PACKAGE), context, noise, TIMESTEPS)
+        psnrs[mode] = [verify.psnr(r, g) for r, g in zip(reference, got, strict=True)]
+    print(
+        f"snapped weights: fp16 {np.round(psnrs['none'], 1)}, palette6 {np.round(psnrs['palette6'], 1)}"
+    )
+    # palette6 only adds what fp16 costs: the export's k-means recovers the 64 values.
+    assert min(psnrs["palette6"]) >= 50.0
+    assert np.allclose(psnrs["palette6"], psnrs["none"], atol=1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Compression on a trained model: the built-in default
 

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from s2dit_mlx import cli
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
 from s2dit_mlx.video_io import read_video
+from train.palette import palette_targets
 
 MAX_MB = 30
 
@@ -69,23 +70,27 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     # --init continues the finished folder: no VAE stage, same VAE, the DiT starts from it.
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
-    assert default_model.main(argv + ["--steps", "2", "--batch-size", "2"]) == 0
+    argv += ["--steps", "2", "--batch-size", "2", "--palette-bits", "6"]
+    assert default_model.main(argv) == 0
     assert not (more / "vae_run").exists()
     start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
+    after_vae = dict(tree_flatten(after.vae.parameters()))
     for name, value in tree_flatten(before.vae.parameters()):
-        assert np.array_equal(np.array(dict(tree_flatten(after.vae.parameters()))[name]), value)
-    start_dit = dict(tree_flatten(start.dit.parameters()))
+        assert np.array_equal(np.array(after_vae[name]), np.array(value))
+    start_dit, after_dit = (dict(tree_flatten(b.dit.parameters())) for b in (start, after))
+    moved = []
     for name, value in tree_flatten(before.dit.parameters()):
         assert start_dit[name].dtype == mx.float32  # trains in float32 from the float16 folder
         assert np.array_equal(np.array(start_dit[name]), np.array(value.astype(mx.float32)))
-    moved = [
-        name
-        for name, value in tree_flatten(after.dit.parameters())
-        if not np.array_equal(
-            np.array(value), np.array(dict(tree_flatten(before.dit.parameters()))[name])
-        )
-    ]
+        if not np.array_equal(np.array(after_dit[name]), np.array(value)):
+            moved.append(name)
     assert moved  # the two steps trained it
+    # --palette-bits 6 reaches train.dit: the large weights hold at most 64 values each
+    # (counted in float32: np.unique miscounts float16 arrays).
+    names = palette_targets(after.dit)
+    assert names and all(
+        np.unique(np.array(after_dit[n].astype(mx.float32))).size <= 64 for n in names
+    )
     assert (more / "tokenizer.json").read_text() == (
         run / "model" / "text_encoder" / "tokenizer.json"
     ).read_text()

@@ -642,3 +642,76 @@ def test_data_parallel_two_processes_equals_one_with_double_batch(tmp_path):
     ref = flat(single.model.parameters())
     err = max(np.abs(np.array(got["params"][k]) - ref[k]).max() for k in ref)
     assert err <= 1e-5, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Palette-aware training (Core ML palettisation)
+
+
+def test_kmeans_snap_gives_a_small_palette_of_nearest_centroids():
+    from train.palette import kmeans_snap
+
+    w = mx.random.normal((48, 64), key=mx.random.key(0))
+    snapped = np.array(kmeans_snap(w, 3))
+    palette = np.unique(snapped)
+    assert snapped.shape == (48, 64) and len(palette) <= 8
+    nearest = palette[np.abs(np.array(w)[..., None] - palette).argmin(axis=-1)]
+    np.testing.assert_array_equal(snapped, nearest)  # every entry at its nearest centroid
+    # Lloyd from quantiles beats 8 evenly spaced levels over the range on a Gaussian.
+    levels = np.linspace(np.array(w).min(), np.array(w).max(), 8)
+    uniform = levels[np.abs(np.array(w)[..., None] - levels).argmin(axis=-1)]
+    err = np.mean((snapped - np.array(w)) ** 2)
+    assert err < 0.8 * np.mean((uniform - np.array(w)) ** 2)
+
+
+def test_palette_aware_loss_runs_on_snapped_weights_and_trains_raw_ones(tmp_path):
+    from train.palette import kmeans_snap, palette_aware_loss, palette_targets
+
+    dit = tiny_dit()
+    names = palette_targets(dit, min_size=256)
+    assert names and all(n.endswith("weight") for n in names)
+    cfg = FlowConfig(mode="streaming")
+    plain, aware = make_flow_loss(cfg), palette_aware_loss(make_flow_loss(cfg), 2, names)
+    batch, keys = latent_data([0, 1]), rng.sample_keys(5, [0, 1])
+    raw = flat(dit.parameters())
+    got = float(aware(FlowModel(dit), batch, keys))
+    assert flat(dit.parameters()).keys() == raw.keys()
+    for name, value in flat(dit.parameters()).items():
+        np.testing.assert_array_equal(value, raw[name])  # raw weights restored after the call
+    snapped = tiny_dit()
+    snapped.load_weights([(n, kmeans_snap(mx.array(raw[n]), 2)) for n in names], strict=False)
+    want = float(plain(FlowModel(snapped), batch, keys))
+    assert abs(got - want) <= 1e-5 * abs(want)  # the forward pass saw the 4-value palettes
+    assert abs(float(plain(FlowModel(dit), batch, keys)) - want) > 1e-3
+
+    trainer = Trainer(
+        FlowModel(dit), aware, latent_data, TrainConfig(steps=3, batch_size=2, lr=1e-2,
+        progress=False), tmp_path, optimizer=optim.SGD(learning_rate=1e-2),
+    )  # fmt: skip
+    trainer.train()
+    after = flat(dit.parameters())
+    for name in names:  # the straight-through gradient moved the raw (unsnapped) weights
+        assert not np.array_equal(after[name], raw[name])
+        assert len(np.unique(after[name])) > 4
+
+
+def test_cli_palette_bits_saves_snapped_weights(tmp_path, tiny_model_dir, capsys):
+    from train import dit as cli
+    from train.palette import palette_targets
+
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--no-progress", "--palette-bits", "3", "--lr", "1e-3"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    saved = load_model(out / "model").dit
+    names = palette_targets(saved)
+    assert names  # the tiny model has weights the export would palettise
+    params = flat(saved.parameters())
+    assert all(len(np.unique(params[n])) <= 8 for n in names)
+    assert any(len(np.unique(v)) > 8 for n, v in params.items() if n not in names and v.size > 8)
+    bad = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "bad"), "--lora",
+           "--palette-bits", "6"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--palette-bits" in err[0]

@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT (0: off)")
+    p.add_argument(
+        "--palette-bits",
+        type=int,
+        default=0,
+        help="palette-aware DiT training (train.dit --palette-bits), e.g. 6 for a fine-tune "
+        "with --init so the Core ML palette6 export is exact (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -278,6 +285,8 @@ def run(args: argparse.Namespace) -> Path:
         "--warmup", "100", "--checkpoint-every", "250", "--seed", str(args.seed),
         "--clean-context-prob", "0.5", "--t-dist", "logit_normal", "--ema", str(args.ema),
     ]  # fmt: skip
+    if args.palette_bits:
+        dit_argv += ["--palette-bits", str(args.palette_bits)]
     if args.resume:
         dit_argv.append("--resume")
     if train_dit.main(dit_argv) != 0:

@@ -30,6 +30,7 @@ from .checkpoint import latest_checkpoint
 from .data import VideoEncoder, load_source
 from .flow import T_DISTS, FlowConfig, FlowModel, make_flow_loss
 from .lora import DEFAULT_LAYERS, LoRAConfig, apply_lora, save_adapters, weights_hash
+from .palette import palette_aware_loss, palette_targets, snap_weights
 from .trainer import SCHEDULES, TrainConfig, Trainer, write_run_config
 
 EXIT_ERROR = 2
@@ -116,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--train-text-encoder", action="store_true", help="train the text encoder jointly"
+    )
+
+    g = p.add_argument_group("Core ML palette")
+    g.add_argument(
+        "--palette-bits",
+        type=int,
+        metavar="N",
+        default=0,
+        help="train through a 2^N-value k-means palette per weight (straight-through) and save "
+        "the snapped weights, so `export coreml --compress paletteN` is exact (0: off; "
+        "a fine-tune of a few hundred steps at a low lr suits it)",
     )
 
     g = p.add_argument_group("LoRA")
@@ -303,6 +315,10 @@ def run(args: argparse.Namespace) -> Trainer:
 
     fingerprint = {"lora": bool(args.lora), "train_text_encoder": bool(args.train_text_encoder)}
     lora_cfg = None
+    if args.palette_bits and (args.lora or not 1 <= args.palette_bits <= 8):
+        raise S2DiTError("--palette-bits takes 1..8 and trains all weights (not with --lora)")
+    if args.palette_bits:
+        fingerprint["palette_bits"] = args.palette_bits
     if args.lora:
         lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.layers)
         fingerprint["base_sha256"] = weights_hash(dit)
@@ -341,6 +357,9 @@ def run(args: argparse.Namespace) -> Trainer:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    loss_fn = make_flow_loss(flow_cfg)
+    if args.palette_bits:
+        loss_fn = palette_aware_loss(loss_fn, args.palette_bits, palette_targets(dit))
     source = load_source(args.data, seed=args.seed, frames=frames, height=height, width=width)
     prepare = VideoEncoder(
         vae,
@@ -351,7 +370,7 @@ def run(args: argparse.Namespace) -> Trainer:
     )
     trainer = Trainer(
         model,
-        make_flow_loss(flow_cfg),
+        loss_fn,
         source,
         train_cfg,
         out,
@@ -394,6 +413,8 @@ def _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, finge
                 out / "adapters", dit, lora_cfg, base_id, fingerprint.get("base_sha256", "")
             )
         else:
+            if args.palette_bits:  # the saved model is the one the forward pass trained
+                snap_weights(dit, args.palette_bits, palette_targets(dit))
             path = save_model(out / "model", dit, vae, te, defaults=defaults)
     print(f"wrote {path}", file=sys.stderr)
 

@@ -1,0 +1,80 @@
+"""Palette-aware training: the DiT trains through its own k-means weight palette.
+
+Core ML's 6-bit palettisation (`s2dit export coreml --compress palette6`) replaces every
+large linear/conv weight by 2^6 shared values found by 1-D k-means. A model trained in full
+precision can lose a lot to that rounding. Fine-tuning with `--palette-bits N` makes the forward
+pass use the palettised weights while the gradient updates the full-precision ones (a
+straight-through estimator, as in quantisation-aware training), and the saved model holds the
+snapped weights: at most 2^N distinct values per tensor, which the export's k-means then
+recovers exactly, so the compressed package computes what the saved model does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+# The export palettises weights of at least this many elements (coreml.export.compress).
+MIN_SIZE = 2048
+LLOYD_ITERS = 8
+
+
+def palette_targets(module: nn.Module, min_size: int = MIN_SIZE) -> list[str]:
+    """Names of the matrix/conv weights large enough for the export to palettise."""
+    return [
+        name
+        for name, value in tree_flatten(module.parameters())
+        if name.endswith("weight") and value.ndim >= 2 and value.size >= min_size
+    ]
+
+
+def kmeans_snap(w: mx.array, bits: int, iters: int = LLOYD_ITERS) -> mx.array:
+    """`w` with every entry replaced by its nearest of 2**bits 1-D k-means centroids."""
+    flat = w.reshape(-1).astype(mx.float32)
+    k = 2**bits
+    # Quantile initialisation: deterministic and already close for bell-shaped weights.
+    ranks = ((mx.arange(k) + 0.5) * (flat.size / k)).astype(mx.int32)
+    centroids = mx.sort(flat)[ranks]
+    labels = mx.arange(k)
+    for _ in range(iters):
+        nearest = mx.argmin(mx.abs(flat[:, None] - centroids[None, :]), axis=1)
+        members = (nearest[:, None] == labels[None, :]).astype(mx.float32)
+        counts = members.sum(axis=0)
+        sums = flat @ members
+        centroids = mx.where(counts > 0, sums / mx.maximum(counts, 1.0), centroids)
+    nearest = mx.argmin(mx.abs(flat[:, None] - centroids[None, :]), axis=1)
+    return centroids[nearest].reshape(w.shape).astype(w.dtype)
+
+
+def palette_aware_loss(
+    loss_fn: Callable, bits: int, names: list[str], iters: int = LLOYD_ITERS
+) -> Callable:
+    """Wrap a flow loss so the DiT's `names` weights are palettised in the forward pass only."""
+
+    def loss(model, batch, keys):
+        dit = model.dit
+        params = dict(tree_flatten(dit.parameters()))
+        raw = [(n, params[n]) for n in names]
+        # Straight-through: the value is the snapped weight, the gradient goes to the raw one.
+        dit.update(
+            tree_unflatten(
+                [(n, w + mx.stop_gradient(kmeans_snap(w, bits, iters) - w)) for n, w in raw]
+            )
+        )
+        try:
+            return loss_fn(model, batch, keys)
+        finally:
+            dit.update(tree_unflatten(raw))  # the optimizer must update the raw weights
+
+    return loss
+
+
+def snap_weights(module: nn.Module, bits: int, names: list[str], iters: int = LLOYD_ITERS) -> None:
+    """Replace the `names` weights of `module` by their palettised values, in place."""
+    params = dict(tree_flatten(module.parameters()))
+    snapped = [(n, kmeans_snap(params[n], bits, iters)) for n in names]
+    mx.eval([w for _, w in snapped])
+    module.update(tree_unflatten(snapped))

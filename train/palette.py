@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 # The export palettises weights of at least this many elements (coreml.export.compress).
 MIN_SIZE = 2048
 LLOYD_ITERS = 8
+CHUNK_ELEMENTS = 1 << 24  # entries x centroids compared at once (64 MB in float32)
 
 
 def palette_targets(module: nn.Module, min_size: int = MIN_SIZE) -> list[str]:
@@ -31,6 +32,16 @@ def palette_targets(module: nn.Module, min_size: int = MIN_SIZE) -> list[str]:
     ]
 
 
+def _nearest(flat: mx.array, centroids: mx.array) -> mx.array:
+    """Index of the nearest centroid of every entry, in slices that bound the N x k temporary."""
+    step = max(1, CHUNK_ELEMENTS // centroids.size)
+    parts = [
+        mx.argmin(mx.abs(flat[i : i + step, None] - centroids[None, :]), axis=1)
+        for i in range(0, flat.size, step)
+    ]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
 def kmeans_snap(w: mx.array, bits: int, iters: int = LLOYD_ITERS) -> mx.array:
     """`w` with every entry replaced by its nearest of 2**bits 1-D k-means centroids."""
     flat = w.reshape(-1).astype(mx.float32)
@@ -38,15 +49,12 @@ def kmeans_snap(w: mx.array, bits: int, iters: int = LLOYD_ITERS) -> mx.array:
     # Quantile initialisation: deterministic and already close for bell-shaped weights.
     ranks = ((mx.arange(k) + 0.5) * (flat.size / k)).astype(mx.int32)
     centroids = mx.sort(flat)[ranks]
-    labels = mx.arange(k)
     for _ in range(iters):
-        nearest = mx.argmin(mx.abs(flat[:, None] - centroids[None, :]), axis=1)
-        members = (nearest[:, None] == labels[None, :]).astype(mx.float32)
-        counts = members.sum(axis=0)
-        sums = flat @ members
+        nearest = _nearest(flat, centroids)
+        counts = mx.zeros((k,)).at[nearest].add(1.0)
+        sums = mx.zeros((k,)).at[nearest].add(flat)
         centroids = mx.where(counts > 0, sums / mx.maximum(counts, 1.0), centroids)
-    nearest = mx.argmin(mx.abs(flat[:, None] - centroids[None, :]), axis=1)
-    return centroids[nearest].reshape(w.shape).astype(w.dtype)
+    return centroids[_nearest(flat, centroids)].reshape(w.shape).astype(w.dtype)
 
 
 def palette_aware_loss(

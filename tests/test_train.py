@@ -649,7 +649,7 @@ def test_data_parallel_two_processes_equals_one_with_double_batch(tmp_path):
 
 
 def test_kmeans_snap_gives_a_small_palette_of_nearest_centroids(monkeypatch):
-    from train import palette
+    from train import palette as palette_module
     from train.palette import kmeans_snap
 
     w = mx.random.normal((48, 64), key=mx.random.key(0))
@@ -663,7 +663,9 @@ def test_kmeans_snap_gives_a_small_palette_of_nearest_centroids(monkeypatch):
     uniform = levels[np.abs(np.array(w)[..., None] - levels).argmin(axis=-1)]
     err = np.mean((snapped - np.array(w)) ** 2)
     assert err < 0.8 * np.mean((uniform - np.array(w)) ** 2)
-    monkeypatch.setattr(palette, "CHUNK_ELEMENTS", 8 * 1000)  # the N x k comparison in slices
+    monkeypatch.setattr(
+        palette_module, "CHUNK_ELEMENTS", 8 * 1000
+    )  # the N x k comparison in slices
     np.testing.assert_array_equal(np.array(kmeans_snap(w, 3)), snapped)
 
 

@@ -53,7 +53,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(default_model.LATENTS_ENV, "")  # the recipe sets it; undone afterwards
     run = tmp_path / "run"
     argv = ["--out", str(run), "--vae-steps", "2", "--vae-mlp-blocks", "1", "--clips", "8"]
-    argv += ["--steps", "2", "--batch-size", "2"]
+    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "0"]
     assert default_model.main(argv) == 0, capsys.readouterr().err
     bundle = load_model(run / "model")
     assert bundle.vae.config.mlp_blocks == 1 and bundle.vae.config.latents_std
@@ -70,9 +70,10 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     # --init continues the finished folder: no VAE stage, same VAE, the DiT starts from it.
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
-    argv += ["--steps", "2", "--batch-size", "2", "--palette-bits", "6"]
+    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2"]
     assert default_model.main(argv) == 0
-    assert not (more / "vae_run").exists()
+    assert not (more / "vae_run").exists() and not (run / "palette").exists()
+    assert (more / "palette" / "loss.json").exists()
     start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
     after_vae = dict(tree_flatten(after.vae.parameters()))
     for name, value in tree_flatten(before.vae.parameters()):
@@ -85,7 +86,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
         if not np.array_equal(np.array(after_dit[name]), np.array(value)):
             moved.append(name)
     assert moved  # the two steps trained it
-    # --palette-bits 6 reaches train.dit: the large weights hold at most 64 values each
+    # The palette stage ran last: the large weights hold at most 64 values each
     # (counted in float32: np.unique miscounts float16 arrays).
     names = palette_targets(after.dit)
     assert names and all(

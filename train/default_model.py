@@ -229,12 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT (0: off)")
     p.add_argument(
-        "--palette-bits",
+        "--palette-steps",
         type=int,
-        default=0,
-        help="palette-aware DiT training (train.dit --palette-bits), e.g. 6 for a fine-tune "
-        "with --init so the Core ML palette6 export is exact (0: off)",
+        default=300,
+        help="last stage: palette-aware DiT fine-tune steps, so the Core ML palette export of "
+        "the model is exact (train.dit --palette-bits; 0: skip)",
     )
+    p.add_argument("--palette-bits", type=int, default=6, help="palette size 2^N of that stage")
+    p.add_argument("--palette-lr", type=float, default=1e-4, help="peak lr of that stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -262,6 +264,26 @@ def vae_stage(args: argparse.Namespace, out: Path) -> Path:
     return vae_dir
 
 
+def palette_stage(args: argparse.Namespace, out: Path, trained: Path) -> Path:
+    """Fine-tune `trained` through its own k-means weight palettes; returns the snapped folder."""
+    from . import dit as train_dit
+
+    warmup = min(50, args.palette_steps // 5)
+    dit_argv = [
+        "--model", str(trained), "--out", str(out / "palette"), "--data",
+        "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
+        "--steps", str(args.palette_steps), "--batch-size", str(args.batch_size),
+        "--lr", str(args.palette_lr), "--warmup", str(warmup), "--checkpoint-every", "100",
+        "--seed", str(args.seed + 1), "--clean-context-prob", "0.5", "--t-dist", "logit_normal",
+        "--palette-bits", str(args.palette_bits),
+    ]  # fmt: skip
+    if args.resume:
+        dit_argv.append("--resume")
+    if train_dit.main(dit_argv) != 0:
+        raise S2DiTError("palette-aware fine-tune failed")
+    return out / "palette" / "model"
+
+
 def run(args: argparse.Namespace) -> Path:
     """All stages; returns the final float16 model folder."""
     from . import dit as train_dit
@@ -285,13 +307,14 @@ def run(args: argparse.Namespace) -> Path:
         "--warmup", "100", "--checkpoint-every", "250", "--seed", str(args.seed),
         "--clean-context-prob", "0.5", "--t-dist", "logit_normal", "--ema", str(args.ema),
     ]  # fmt: skip
-    if args.palette_bits:
-        dit_argv += ["--palette-bits", str(args.palette_bits)]
     if args.resume:
         dit_argv.append("--resume")
     if train_dit.main(dit_argv) != 0:
         raise S2DiTError("DiT training failed")
-    final = to_float16(out / "dit" / "model", out / "model")
+    trained = out / "dit" / "model"
+    if args.palette_steps:
+        trained = palette_stage(args, out, trained)
+    final = to_float16(trained, out / "model")
     print(f"model folder {final}: {folder_mb(final):.1f} MB")
     if args.install:
         to_float16(final, DEFAULT_MODEL_DIR)

@@ -292,6 +292,8 @@ def run(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if args.init and args.vae:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
+    if args.palette_steps and not 1 <= args.palette_bits <= 8:
+        raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
     if args.init:
         init = continue_from(Path(args.init), out)
     else:

@@ -110,3 +110,4 @@ def test_default_model_recipe_rejects_bad_init(tmp_path, capsys):
     argv = ["--out", str(tmp_path / "run"), "--palette-bits", "0"]
     assert default_model.main(argv) == 2
     assert "--palette-bits takes 1..8" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # bad arguments write nothing

@@ -187,8 +187,6 @@ def continue_from(model_dir: Path, out: Path) -> Path:
     init = out / "init"
     if (init / "config.json").exists():
         return init
-    if not (model_dir / "config.json").is_file():
-        raise S2DiTError(f"--init: no model folder at {model_dir} (config.json missing)")
     tokenizer = load_model(model_dir).text_encoder.tokenizer
     if tokenizer is None:
         raise S2DiTError(f"--init: {model_dir} has no text-encoder tokenizer")
@@ -288,12 +286,14 @@ def run(args: argparse.Namespace) -> Path:
     """All stages; returns the final float16 model folder."""
     from . import dit as train_dit
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.init and args.vae:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
     if args.palette_steps and not 1 <= args.palette_bits <= 8:
         raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.init:
         init = continue_from(Path(args.init), out)
     else:

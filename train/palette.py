@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 # The export palettises weights of at least this many elements (coreml.export.compress).
 MIN_SIZE = 2048
-LLOYD_ITERS = 8
+LLOYD_ITERS = 16
+HIST_BINS = 4096
 CHUNK_ELEMENTS = 1 << 24  # entries x centroids compared at once (64 MB in float32)
 
 
@@ -46,14 +47,24 @@ def kmeans_snap(w: mx.array, bits: int, iters: int = LLOYD_ITERS) -> mx.array:
     """`w` with every entry replaced by its nearest of 2**bits 1-D k-means centroids."""
     flat = w.reshape(-1).astype(mx.float32)
     k = 2**bits
+    # Lloyd runs on a fine histogram (bin counts and sums), so an iteration costs bins x k,
+    # not entries x k; only the final nearest-centroid assignment touches every entry.
+    lo, hi = flat.min(), flat.max()
+    width = mx.maximum((hi - lo) / HIST_BINS, 1e-12)
+    bins = mx.clip(((flat - lo) / width).astype(mx.int32), 0, HIST_BINS - 1)
+    counts = mx.zeros((HIST_BINS,)).at[bins].add(1.0)
+    sums = mx.zeros((HIST_BINS,)).at[bins].add(flat)
+    centres = lo + (mx.arange(HIST_BINS) + 0.5) * width
+    means = mx.where(counts > 0, sums / mx.maximum(counts, 1.0), centres)
     # Quantile initialisation: deterministic and already close for bell-shaped weights.
-    ranks = ((mx.arange(k) + 0.5) * (flat.size / k)).astype(mx.int32)
-    centroids = mx.sort(flat)[ranks]
+    ranks = (mx.arange(k) + 0.5) * (flat.size / k)
+    first = (mx.cumsum(counts)[None, :] < ranks[:, None]).sum(axis=1)
+    centroids = means[mx.minimum(first, HIST_BINS - 1)]
     for _ in range(iters):
-        nearest = _nearest(flat, centroids)
-        counts = mx.zeros((k,)).at[nearest].add(1.0)
-        sums = mx.zeros((k,)).at[nearest].add(flat)
-        centroids = mx.where(counts > 0, sums / mx.maximum(counts, 1.0), centroids)
+        nearest = mx.argmin(mx.abs(means[:, None] - centroids[None, :]), axis=1)
+        mass = mx.zeros((k,)).at[nearest].add(counts)
+        total = mx.zeros((k,)).at[nearest].add(sums)
+        centroids = mx.where(mass > 0, total / mx.maximum(mass, 1.0), centroids)
     return centroids[_nearest(flat, centroids)].reshape(w.shape).astype(w.dtype)
 
 

@@ -41,6 +41,7 @@ from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer
 
 from . import rng
+from .palette import PALETTE_BITS
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
 VAE_TYPES = {"wan": (WanVAEConfig, WanVAE), "patch": (PatchVAEConfig, PatchVAE)}
@@ -169,9 +170,8 @@ def build_init(out: Path, vae_dir: Path, seed: int) -> Path:
     return init
 
 
-def copy_as(model_dir: Path, target: Path, dtype: mx.Dtype) -> Path:
-    """Copy a model folder with every floating weight stored as `dtype`."""
-    bundle = load_model(model_dir)
+def save_as(bundle, target: Path, dtype: mx.Dtype) -> Path:
+    """Save a loaded model bundle with every floating weight stored as `dtype`."""
     for module in (bundle.dit, bundle.vae, bundle.text_encoder):
         module.set_dtype(dtype)
     return save_model(target, bundle.dit, bundle.vae, bundle.text_encoder, bundle.defaults)
@@ -179,7 +179,7 @@ def copy_as(model_dir: Path, target: Path, dtype: mx.Dtype) -> Path:
 
 def to_float16(model_dir: Path, target: Path) -> Path:
     """Copy a model folder with every floating weight stored as float16 (half the size)."""
-    return copy_as(model_dir, target, mx.float16)
+    return save_as(load_model(model_dir), target, mx.float16)
 
 
 def continue_from(model_dir: Path, out: Path) -> Path:
@@ -187,12 +187,11 @@ def continue_from(model_dir: Path, out: Path) -> Path:
     init = out / "init"
     if (init / "config.json").exists():
         return init
-    tokenizer = load_model(model_dir).text_encoder.tokenizer
-    if tokenizer is None:
+    bundle = load_model(model_dir)
+    if bundle.text_encoder.tokenizer is None:
         raise S2DiTError(f"--init: {model_dir} has no text-encoder tokenizer")
-    tokenizer.save(out / "tokenizer.json")  # latents_source tokenizes with the model's own
-    copy_as(model_dir, init, mx.float32)  # train in float32 even from a float16 folder
-    return init
+    bundle.text_encoder.tokenizer.save(out / "tokenizer.json")  # latents_source reads it
+    return save_as(bundle, init, mx.float32)  # train in float32 even from a float16 folder
 
 
 def folder_mb(path: Path) -> float:
@@ -262,33 +261,38 @@ def vae_stage(args: argparse.Namespace, out: Path) -> Path:
     return vae_dir
 
 
-def palette_stage(args: argparse.Namespace, out: Path, trained: Path) -> Path:
-    """Fine-tune `trained` through its own k-means weight palettes; returns the snapped folder."""
+def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: list[str]) -> Path:
+    """Run train.dit on the cached latents with the recipe's shared flags; returns its model."""
     from . import dit as train_dit
 
-    warmup = min(50, args.palette_steps // 5)
     dit_argv = [
-        "--model", str(trained), "--out", str(out / "palette"), "--data",
+        "--model", str(model), "--out", str(run_dir), "--data",
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
-        "--steps", str(args.palette_steps), "--batch-size", str(args.batch_size),
-        "--lr", str(args.palette_lr), "--warmup", str(warmup), "--checkpoint-every", "100",
-        "--seed", str(args.seed + 1), "--clean-context-prob", "0.5", "--t-dist", "logit_normal",
-        "--palette-bits", str(args.palette_bits),
+        "--batch-size", str(args.batch_size), "--clean-context-prob", "0.5",
+        "--t-dist", "logit_normal", *settings,
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
     if train_dit.main(dit_argv) != 0:
-        raise S2DiTError("palette-aware fine-tune failed")
-    return out / "palette" / "model"
+        raise S2DiTError(f"DiT training failed ({run_dir.name} stage)")
+    return run_dir / "model"
+
+
+def palette_stage(args: argparse.Namespace, out: Path, trained: Path) -> Path:
+    """Fine-tune `trained` through its own k-means weight palettes; returns the snapped folder."""
+    settings = [
+        "--steps", str(args.palette_steps), "--lr", str(args.palette_lr),
+        "--warmup", str(min(50, args.palette_steps // 5)), "--checkpoint-every", "100",
+        "--seed", str(args.seed + 1), "--palette-bits", str(args.palette_bits),
+    ]  # fmt: skip
+    return dit_stage(args, trained, out / "palette", settings)
 
 
 def run(args: argparse.Namespace) -> Path:
     """All stages; returns the final float16 model folder."""
-    from . import dit as train_dit
-
     if args.init and args.vae:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
-    if args.palette_steps and not 1 <= args.palette_bits <= 8:
+    if args.palette_steps and args.palette_bits not in PALETTE_BITS:
         raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
@@ -302,18 +306,11 @@ def run(args: argparse.Namespace) -> Path:
     bundle = load_model(init)
     latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
     os.environ[LATENTS_ENV] = str(latents)
-    dit_argv = [
-        "--model", str(init), "--out", str(out / "dit"), "--data",
-        "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-        "--warmup", "100", "--checkpoint-every", "250", "--seed", str(args.seed),
-        "--clean-context-prob", "0.5", "--t-dist", "logit_normal", "--ema", str(args.ema),
+    settings = [
+        "--steps", str(args.steps), "--lr", str(args.lr), "--warmup", "100",
+        "--checkpoint-every", "250", "--seed", str(args.seed), "--ema", str(args.ema),
     ]  # fmt: skip
-    if args.resume:
-        dit_argv.append("--resume")
-    if train_dit.main(dit_argv) != 0:
-        raise S2DiTError("DiT training failed")
-    trained = out / "dit" / "model"
+    trained = dit_stage(args, init, out / "dit", settings)
     if args.palette_steps:
         trained = palette_stage(args, out, trained)
     final = to_float16(trained, out / "model")

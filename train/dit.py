@@ -30,7 +30,7 @@ from .checkpoint import latest_checkpoint
 from .data import VideoEncoder, load_source
 from .flow import T_DISTS, FlowConfig, FlowModel, make_flow_loss
 from .lora import DEFAULT_LAYERS, LoRAConfig, apply_lora, save_adapters, weights_hash
-from .palette import palette_aware_loss, palette_targets, snap_weights
+from .palette import PALETTE_BITS, palette_aware_loss, palette_targets, snap_weights
 from .trainer import SCHEDULES, TrainConfig, Trainer, write_run_config
 
 EXIT_ERROR = 2
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> Trainer:
 
     fingerprint = {"lora": bool(args.lora), "train_text_encoder": bool(args.train_text_encoder)}
     lora_cfg = None
-    if args.palette_bits and (args.lora or not 1 <= args.palette_bits <= 8):
+    if args.palette_bits and (args.lora or args.palette_bits not in PALETTE_BITS):
         raise S2DiTError("--palette-bits takes 1..8 and trains all weights (not with --lora)")
     if args.palette_bits:
         fingerprint["palette_bits"] = args.palette_bits

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 # The export palettises weights of at least this many elements (coreml.export.compress).
 MIN_SIZE = 2048
+PALETTE_BITS = range(1, 9)  # Core ML palettes hold 2..256 values
 LLOYD_ITERS = 16
 HIST_BINS = 4096
 CHUNK_ELEMENTS = 1 << 24  # entries x centroids compared at once (64 MB in float32)

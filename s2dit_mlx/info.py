@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__, _blas
+from .kernels import cpu as cpu_kernels
 
 
 def gemm_gflops(n: int = 1024, dtype: mx.Dtype = mx.float32, repeats: int = 5) -> float:
@@ -41,6 +42,7 @@ def info_lines(gemm: bool = True) -> list[str]:
         f"MLX: {mx.__version__}",
         _device_line(),
         f"BLAS: {_blas.describe()}",
+        f"CPU softmax/SiLU/GELU kernels: {cpu_kernels.status()}",
     ]
     if gemm:
         lines.append(f"fp32 GEMM (n=1024): {gemm_gflops(1024):.1f} GFLOP/s")

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import sampling
 from .errors import S2DiTError
+from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
 from .streaming import stream_latent_chunks
 from .video_io import to_uint8
@@ -268,7 +269,8 @@ class Pipeline:
             )
         dtype = DTYPES[self.dtype]
         if context is None or (use_cfg and negative_context is None):
-            encoded, encoded_neg = self._encode_text(s, use_cfg)
+            with cpu_kernels.enabled():
+                encoded, encoded_neg = self._encode_text(s, use_cfg)
             context = encoded if context is None else context
             negative_context = encoded_neg if negative_context is None else negative_context
         for name, c in (("context", context), ("negative_context", negative_context)):
@@ -282,7 +284,8 @@ class Pipeline:
 
             bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
         try:
-            return self._bidirectional_latents(s, context, neg, shape, bar, latents, schedule)
+            with cpu_kernels.enabled():
+                return self._bidirectional_latents(s, context, neg, shape, bar, latents, schedule)
         finally:
             if bar is not None:
                 bar.close()
@@ -292,10 +295,11 @@ class Pipeline:
         with one streaming decoder, as generate() decodes them."""
         per_chunk = self._frames_per_chunk(latents.shape[1])
         decoder = self.vae.decoder()
-        frames = [
-            decoder.decode(latents[:, i : i + per_chunk].astype(mx.float32))
-            for i in range(0, latents.shape[1], per_chunk)
-        ]
+        with cpu_kernels.enabled():
+            frames = [
+                decoder.decode(latents[:, i : i + per_chunk].astype(mx.float32))
+                for i in range(0, latents.shape[1], per_chunk)
+            ]
         return mx.concatenate(frames, axis=1)
 
     def _latent_shape(self, s: GenerationSettings) -> tuple[int, ...]:
@@ -315,7 +319,7 @@ class Pipeline:
         After the last batch, `self.last_stats` holds timings and peak memory.
         """
         s = self.settings(prompt, **settings)
-        return self._stream(s, progress)
+        return cpu_kernels.step_enabled(self._stream(s, progress))
 
     def _stream(self, s: GenerationSettings, progress: bool) -> Iterator[np.ndarray]:
         dtype = DTYPES[self.dtype]

@@ -5,7 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+
+from ..kernels import cpu as cpu_kernels
 
 # Largest score matrix (elements, all heads and batch together) one attention call may hold.
 # MLX's CPU attention is unfused and materialises every score, so we tile the queries.
@@ -53,10 +56,32 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(shape).astype(x.dtype)
 
 
+def _attention_cpu_kernels(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, tile: int
+) -> mx.array | None:
+    """Query-tiled attention with the vectorised softmax (None: not possible here)."""
+    k_t = mx.contiguous(k.swapaxes(-1, -2))
+    q, v = mx.contiguous(q * scale), mx.contiguous(v)
+    outs = []
+    for i in range(0, q.shape[2], tile):
+        scores = q[:, :, i : i + tile] @ k_t
+        if not cpu_kernels.softmax_scores(scores):
+            return None
+        out = scores @ v
+        mx.eval(out)  # frees this tile's scores before the next tile is computed
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Softmax attention on [B, H, L, D] inputs, tiled over queries to bound memory on the CPU."""
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
+    if cpu_kernels.usable(q) and q_len * k_len * batch * heads >= cpu_kernels.MIN_ELEMENTS:
+        tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
+        out = _attention_cpu_kernels(q, k, v, scale, tile)
+        if out is not None:
+            return out
     if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     # Callers pass transposed views; each tile would copy them again (twice the time at 4680
@@ -71,3 +96,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
             q_tile = mx.depends(q_tile, outs[-1])
         outs.append(mx.fast.scaled_dot_product_attention(q_tile, k, v, scale=scale))
     return mx.concatenate(outs, axis=2)
+
+
+class GeluTanh(nn.Module):
+    """GELU, tanh approximation (nn.GELU(approx="tanh")), vectorised on the CPU when enabled."""
+
+    def __call__(self, x: mx.array, fresh: bool = False) -> mx.array:
+        return cpu_kernels.gelu_tanh(x, fresh)

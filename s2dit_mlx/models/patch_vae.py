@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import S2DiTError
+from ..kernels.cpu import silu
 
 
 @dataclass
@@ -118,7 +119,7 @@ class MLPBlock(nn.Module):
         self.fc2.bias = mx.zeros_like(self.fc2.bias)
 
     def __call__(self, h: mx.array) -> mx.array:
-        return h + self.fc2(nn.silu(self.fc1(h)))
+        return h + self.fc2(silu(self.fc1(h), fresh=True))
 
 
 class Encoder(nn.Module):
@@ -132,7 +133,7 @@ class Encoder(nn.Module):
         self.conv = CausalConv3d(cfg.hidden_dim, cfg.z_dim, cfg.temporal_kernel, cfg.spatial_kernel)
 
     def __call__(self, patches: mx.array) -> mx.array:
-        h = nn.silu(self.patch_in(patches))
+        h = silu(self.patch_in(patches), fresh=True)
         for block in self.blocks:
             h = block(h)
         y, _ = self.conv(h)
@@ -151,7 +152,7 @@ class Decoder(nn.Module):
 
     def __call__(self, z: mx.array, history: mx.array | None = None):
         h, history = self.conv(z, history)
-        h = nn.silu(h)
+        h = silu(h)
         for block in self.blocks:
             h = block(h)
         return self.patch_out(h), history

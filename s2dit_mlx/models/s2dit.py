@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from ..errors import S2DiTError
 from ..streaming import KVWindow, LinearState, StreamCache, visible_chunks
-from .layers import apply_rope, attention, rope_table
+from .layers import GeluTanh, apply_rope, attention, rope_table
 
 BLOCK_TYPES = ("full", "lcha", "ssa")
 
@@ -392,7 +392,7 @@ class Block(nn.Module):
         self.self_attn = ATTENTION_CLASSES[block_type](args)
         self.norm3 = nn.LayerNorm(args.dim, eps=args.eps) if args.cross_attn_norm else None
         self.cross_attn = CrossAttention(args)
-        self.ffn = [nn.Linear(args.dim, args.ffn_dim), nn.GELU(approx="tanh")]
+        self.ffn = [nn.Linear(args.dim, args.ffn_dim), GeluTanh()]
         self.ffn.append(nn.Linear(args.ffn_dim, args.dim))
         self.modulation = mx.random.normal((1, 6, args.dim)) / math.sqrt(args.dim)
 
@@ -410,8 +410,8 @@ class Block(nn.Module):
         h = x if self.norm3 is None else self.norm3(x)
         x = x + self.cross_attn(h.reshape(b, t * s, d), context).reshape(x.shape)
         h = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(dtype)
-        for layer in self.ffn:
-            h = layer(h)
+        fc1, gelu, fc2 = self.ffn
+        h = fc2(gelu(fc1(h), fresh=True))  # fc1's output is new: GELU may overwrite it
         return (x + h * gate2).astype(dtype)
 
 
@@ -457,7 +457,7 @@ class S2DiT(nn.Module):
         self.args = args
         dim = args.dim
         self.patch_embedding = PatchEmbedding(args)
-        self.text_embedding = [nn.Linear(args.text_dim, dim), nn.GELU(approx="tanh")]
+        self.text_embedding = [nn.Linear(args.text_dim, dim), GeluTanh()]
         self.text_embedding.append(nn.Linear(dim, dim))
         self.time_embedding = [nn.Linear(args.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)]
         self.time_projection = [nn.SiLU(), nn.Linear(dim, 6 * dim)]
@@ -481,9 +481,8 @@ class S2DiT(nn.Module):
             pad = mx.zeros((context.shape[0], self.args.text_len - length, context.shape[2]))
             context = mx.concatenate([context, pad.astype(context.dtype)], axis=1)
         context = context[:, : self.args.text_len]
-        for layer in self.text_embedding:
-            context = layer(context)
-        return context
+        fc1, gelu, fc2 = self.text_embedding
+        return fc2(gelu(fc1(context), fresh=True))
 
     def embed_time(self, t: mx.array, frames: int) -> tuple[mx.array, mx.array]:
         """Per-frame time embedding [B, T, dim] and block modulation [B, T, 6, dim], float32."""

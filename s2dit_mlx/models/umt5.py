@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,17 +29,20 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import S2DiTError
+from ..kernels import cpu as cpu_kernels
 from ..tokenizer import CLEAN_MODES, Tokenizer
 
 # feed_forward_proj -> (gated, activation), as transformers reads T5Config.feed_forward_proj
 # ("gated-gelu" is the tanh approximation, transformers' "gelu_new").
+# The gelu/silu calls overwrite their input (fresh=True): FeedForward only passes them the
+# new output of a Linear.
 _FEED_FORWARD = {
-    "gated-gelu": (True, nn.gelu_approx),
-    "gated-silu": (True, nn.silu),
+    "gated-gelu": (True, partial(cpu_kernels.gelu_tanh, fresh=True)),
+    "gated-silu": (True, partial(cpu_kernels.silu, fresh=True)),
     "gated-relu": (True, nn.relu),
     "relu": (False, nn.relu),
     "gelu": (False, nn.gelu),
-    "silu": (False, nn.silu),
+    "silu": (False, partial(cpu_kernels.silu, fresh=True)),
 }
 
 

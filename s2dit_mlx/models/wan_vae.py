@@ -29,6 +29,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import S2DiTError
+from ..kernels.cpu import silu
+from .layers import attention
 
 # Published latent statistics (per channel): latents are stored as (z - mean) / std.
 WAN21_LATENTS_MEAN = [
@@ -330,8 +332,8 @@ class ResidualBlock(nn.Module):
 
     def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
         h = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        x = self.conv1(nn.silu(self.norm1(x)), cache)
-        x = self.conv2(nn.silu(self.norm2(x)), cache)
+        x = self.conv1(silu(self.norm1(x), fresh=True), cache)
+        x = self.conv2(silu(self.norm2(x), fresh=True), cache)
         return x + h
 
 
@@ -357,9 +359,7 @@ class AttentionBlock(nn.Module):
         # stays bounded.
         step = max(1, _ATTN_SCORE_BUDGET // (length * length))
         outs = [
-            mx.fast.scaled_dot_product_attention(
-                q[i : i + step], k[i : i + step], v[i : i + step], scale=c**-0.5
-            )
+            attention(q[i : i + step], k[i : i + step], v[i : i + step], c**-0.5)
             for i in range(0, n, step)
         ]
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
@@ -572,7 +572,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache, first)
         x = self.mid_block(x, cache)
-        return self.conv_out(nn.silu(self.norm_out(x)), cache)
+        return self.conv_out(silu(self.norm_out(x), fresh=True), cache)
 
 
 class Decoder(nn.Module):
@@ -604,7 +604,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, first)
-        return self.conv_out(nn.silu(self.norm_out(x)), cache)
+        return self.conv_out(silu(self.norm_out(x), fresh=True), cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,11 +42,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--guidance", type=float, help="override the model's default CFG scale")
     parser.add_argument("--steps", type=int, help="override the model's default denoising steps")
+    parser.add_argument("--shift", type=float, help="override the model's default flow shift")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     opts = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(opts.model)
-    overrides = {k: getattr(opts, k) for k in ("guidance", "steps") if getattr(opts, k) is not None}
+    overrides = {
+        k: getattr(opts, k) for k in ("guidance", "steps", "shift") if getattr(opts, k) is not None
+    }
     fps = pipe.defaults["fps"]
     rng = np.random.default_rng(opts.seed)
 
@@ -104,7 +107,10 @@ def main() -> None:
         "size": [pipe.defaults["height"], pipe.defaults["width"]],
         "fps": fps,
         "clip_frames": short,
-        "settings": {**{k: pipe.defaults[k] for k in ("steps", "guidance", "mode")}, **overrides},
+        "settings": {
+            **{k: pipe.defaults[k] for k in ("steps", "guidance", "shift", "mode")},
+            **overrides,
+        },
         "accuracy": {k: acc[k] for k in ("colour", "shape", "motion", "all")},
         "seconds_per_clip": float(np.median(clip_times)),
         "long_clip_frames": long,

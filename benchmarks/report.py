@@ -118,6 +118,12 @@ def wan_vs_torch_table(r: dict) -> list[str]:
         f"torch threads {r['torch_threads']}, MLX BLAS threads "
         f"{r.get('openblas_threads', 'default')}; seconds; `benchmarks/wan_vs_torch.py`)",
     ]
+    kept = r.get("kept_from_earlier_run")
+    if kept:
+        lines[0] += (
+            f". Rows for {', '.join(kept['parts'])} are from an earlier run (MLX CPU kernels: "
+            f"{kept['mlx_cpu_kernels']})"
+        )
     if "dit" in r or "vae" in r:
         lines += [
             "",

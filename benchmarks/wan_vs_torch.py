@@ -424,8 +424,8 @@ def main() -> None:
     if opts.keep_other_parts and out is not None and out.exists():
         # Re-measure some parts only: the others are kept from the file, marked as earlier.
         previous = json.loads(out.read_text())
-        kept = [k for k in ("dit", "vae", "convert", "steps") if k in previous]
-        kept = [k for k in kept if (k if k != "steps" else "step") not in parts]
+        result_key = {"dit": "dit", "vae": "vae", "convert": "convert", "step": "steps"}
+        kept = [key for part, key in result_key.items() if part not in parts and key in previous]
         result.update({k: previous[k] for k in kept})
         result["kept_from_earlier_run"] = {
             "parts": kept,

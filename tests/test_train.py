@@ -663,9 +663,8 @@ def test_kmeans_snap_gives_a_small_palette_of_nearest_centroids(monkeypatch):
     uniform = levels[np.abs(np.array(w)[..., None] - levels).argmin(axis=-1)]
     err = np.mean((snapped - np.array(w)) ** 2)
     assert err < 0.8 * np.mean((uniform - np.array(w)) ** 2)
-    monkeypatch.setattr(
-        palette_module, "CHUNK_ELEMENTS", 8 * 1000
-    )  # the N x k comparison in slices
+    # The same result with the N x k comparison done in slices.
+    monkeypatch.setattr(palette_module, "CHUNK_ELEMENTS", 8 * 1000)
     np.testing.assert_array_equal(np.array(kmeans_snap(w, 3)), snapped)
 
 

@@ -77,8 +77,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Softmax attention on [B, H, L, D] inputs, tiled over queries to bound memory on the CPU."""
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
-    if cpu_kernels.usable(q) and q_len * k_len * batch * heads >= cpu_kernels.MIN_ELEMENTS:
-        tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
+    tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
+    if cpu_kernels.usable(q):  # (the softmax kernel decides on the scores' own size)
         out = _attention_cpu_kernels(q, k, v, scale, tile)
         if out is not None:
             return out
@@ -87,7 +87,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     # Callers pass transposed views; each tile would copy them again (twice the time at 4680
     # tokens), so make them contiguous once.
     q, k, v = mx.contiguous(q), mx.contiguous(k), mx.contiguous(v)
-    tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
     outs = []
     for i in range(0, q_len, tile):
         q_tile = q[:, :, i : i + tile]

@@ -42,7 +42,7 @@ def info_lines(gemm: bool = True) -> list[str]:
         f"MLX: {mx.__version__}",
         _device_line(),
         f"BLAS: {_blas.describe()}",
-        f"CPU softmax/SiLU/GELU kernels: {cpu_kernels.status()}",
+        f"CPU kernels (inference): {cpu_kernels.status()}",
     ]
     if gemm:
         lines.append(f"fp32 GEMM (n=1024): {gemm_gflops(1024):.1f} GFLOP/s")

@@ -18,11 +18,12 @@ from s2dit_mlx.pipeline import Pipeline
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The compiled library, with the size threshold off so tiny tensors use it too."""
+    """The compiled library, with the size thresholds off so tiny tensors use it too."""
     if cpu_kernels._compiler() is None:
         pytest.skip("no C++ compiler on this machine: MLX's own ops are used instead")
     assert cpu_kernels.library() is not None, cpu_kernels.unavailable_reason
     monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_kernels, "MIN_GEMM_MACS", 1)
     device = mx.default_device()
     mx.set_default_device(mx.cpu)  # they are CPU kernels (a Mac would default to Metal)
     try:
@@ -95,6 +96,8 @@ def test_off_outside_enabled_and_for_other_dtypes(kernels, monkeypatch):
 
 
 def test_attention_matches_and_tiles(kernels, monkeypatch):
+    """Softmax-kernel attention (what runs without AVX-512), query tiles of the scores."""
+    monkeypatch.setattr(cpu_kernels, "gemm_available", lambda: False)
     rng = np.random.default_rng(1)
     # [B, L, H, D] transposed to [B, H, L, D], as the models pass them (strided views).
     q, k, v = (
@@ -107,6 +110,115 @@ def test_attention_matches_and_tiles(kernels, monkeypatch):
     with cpu_kernels.enabled():
         out = layers.attention(q, k, v, 0.7)
     np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMM: linear layers, direct convolution, attention
+
+
+@pytest.fixture
+def gemm(kernels):
+    if not cpu_kernels.gemm_available():
+        pytest.skip("the GEMM kernel needs AVX-512F; MLX's matmul runs instead")
+    return kernels
+
+
+def _normal(shape, seed) -> mx.array:
+    return mx.array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def _close(out: mx.array | None, ref: mx.array, tol: float = 2e-6) -> None:
+    """Max error within tol of the reference's scale (float32 sums in another order)."""
+    assert out is not None, "the kernel should have run"
+    assert out.shape == ref.shape
+    scale = float(mx.abs(ref).max())
+    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=0, atol=tol * scale)
+
+
+# Edges of the blocking: 12-row and 32-column tiles, 96-row blocks, 384-deep K chunks,
+# 512-column B blocks; 1 to 3 threads.
+@pytest.mark.parametrize(
+    "m, n, k, bias, threads",
+    [(1, 16, 1, True, 1), (37, 45, 29, True, 1), (200, 600, 390, False, 2), (97, 33, 385, True, 3)],
+)
+def test_linear_matches_mlx(gemm, monkeypatch, m, n, k, bias, threads):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(threads))
+    x, w = _normal((m, k), 1), _normal((n, k), 2)
+    b = _normal((n,), 3) if bias else None
+    ref = x @ w.T + (b if bias else 0)
+    with cpu_kernels.enabled():
+        out = cpu_kernels.linear(x, w, b)
+        layer = layers.Linear(k, n, bias=bias)
+        layer.weight = w.T.T  # a strided view: read through a contiguous copy
+        if bias:
+            layer.bias = b
+        from_layer = layer(x.reshape(1, m, k))
+    _close(out, ref)
+    _close(from_layer, ref.reshape(1, m, n))
+    assert cpu_kernels.linear(x, w, b) is None  # not enabled
+    with cpu_kernels.enabled():
+        assert cpu_kernels.linear(x.astype(mx.float16), w, b) is None
+        assert cpu_kernels.linear(x, w[:8], None) is None  # narrow: left to OpenBLAS
+
+
+def _reference_conv(x, weight, bias, history, causal, padding, upsample):
+    """The same convolution built from MLX ops: upsample, concatenate, pad, conv3d."""
+    if upsample > 1:
+        x = mx.repeat(mx.repeat(x, upsample, axis=2), upsample, axis=3)
+    kt = weight.shape[1]
+    if causal:
+        b, _, h, w, c = x.shape
+        history = mx.zeros((b, kt - 1, h, w, c)) if history is None else history
+        x = mx.concatenate([history, x], axis=1)
+    ph, pw = padding
+    x = mx.pad(x, [(0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)])
+    out = mx.conv3d(x, weight)
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize(
+    "kernel, cout, history, causal, padding, upsample, threads",
+    [
+        ((3, 3, 3), 40, True, True, (1, 1), 1, 1),  # a Wan causal conv, cache given
+        ((3, 3, 3), 3, False, True, (1, 1), 1, 2),  # the first chunk (zeros), 3-channel out
+        ((3, 1, 1), 50, True, True, (0, 0), 1, 1),  # the temporal upsampling conv
+        ((1, 3, 3), 33, False, False, (1, 1), 2, 2),  # 2x nearest upsample + 3x3 conv
+        ((3, 3, 3), 70, False, False, (0, 0), 1, 1),  # plain valid conv
+    ],
+)
+def test_direct_conv3d_matches_mlx(
+    gemm, monkeypatch, kernel, cout, history, causal, padding, upsample, threads
+):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(threads))
+    kt, kh, kw = kernel
+    x = _normal((2, 4, 9, 13, 20), 4)
+    weight, bias = _normal((cout, kt, kh, kw, 20), 5), _normal((cout,), 6)
+    hist = _normal((2, kt - 1, 9, 13, 20), 7) if history else None
+    ref = _reference_conv(x, weight, bias, hist, causal, padding, upsample)
+    with cpu_kernels.enabled():
+        out = cpu_kernels.conv3d(x, weight, bias, hist, causal, padding, upsample)
+        no_bias = cpu_kernels.conv3d(x, weight, None, hist, causal, padding, upsample)
+    _close(out, ref)
+    _close(no_bias, ref - bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemm_attention_matches_mlx(gemm, monkeypatch, threads):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(threads))
+    monkeypatch.setattr(cpu_kernels, "ATTENTION_TILE_ELEMENTS", 37 * 7)  # 8 tiles, last short
+    # Strided views as the models pass them: q, v from [B, L, H, D], k already [B, H, L, D].
+    q = _normal((2, 50, 3, 16), 8).swapaxes(1, 2) * 3
+    k = _normal((2, 3, 37, 16), 9) * 3
+    v = _normal((2, 37, 3, 16), 10).swapaxes(1, 2)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.4)
+    with cpu_kernels.enabled():
+        out = cpu_kernels.attention(q, k, v, 0.4)
+        via_layers = layers.attention(q, k, v, 0.4)
+    # Logits up to ~40 here: float32 rounding in them moves the weights by ~1e-6 relative.
+    _close(out, ref, tol=1e-5)
+    _close(via_layers, ref, tol=1e-5)
+    # The result is laid out as [B, L, H, D]: back to tokens without a copy.
+    assert np.asarray(out.swapaxes(1, 2)).flags.c_contiguous
 
 
 def test_traced_code_falls_back(kernels):
@@ -134,13 +246,19 @@ def test_models_match_with_and_without_kernels(kernels):
         out = dit(x, t, ctx)
     np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
 
-    vae = _random_vae("2.1", seed=4)
-    h, w = SIZES["2.1"]
-    z = mx.array(rng.standard_normal((1, 3, h // 8, w // 8, 4)).astype(np.float32))
-    ref = vae.decode(z)
-    with cpu_kernels.enabled():
-        out = vae.decode(z)
-    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
+    for version in ("2.1", "2.2"):
+        vae = _random_vae(version, seed=4)
+        h, w = SIZES[version]
+        factor = vae.spatial_factor
+        z = mx.array(rng.standard_normal((1, 3, h // factor, w // factor, vae.z_dim)))
+        ref = vae.decode(z.astype(mx.float32))
+        video = mx.array(rng.uniform(-1, 1, (1, 9, h, w, 3)).astype(np.float32))
+        ref_z = vae.encode(video)
+        with cpu_kernels.enabled():
+            out = vae.decode(z.astype(mx.float32))
+            enc = vae.encode(video)
+        np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(enc), np.array(ref_z), rtol=1e-5, atol=1e-5)
 
     ids = mx.array(rng.integers(0, TINY_UMT5["vocab_size"], (2, 24)))
     for kind in ("gated-gelu", "gated-silu"):
@@ -156,16 +274,20 @@ def test_pipeline_uses_them_and_generates_the_same_video(kernels, tiny_model_dir
     pipe = Pipeline.from_pretrained(str(tiny_model_dir))
     settings = {k: v for k, v in TINY_DEFAULTS.items() if k != "fps"}
     settings.update(seed=5, guidance=2.0)
-    used = []
-    real_softmax = cpu_kernels.softmax_scores
+    used = set()
+    real, real_library = kernels, cpu_kernels.library
 
-    def counting(scores):
-        used.append(scores.shape)
-        return real_softmax(scores)
+    class Spy:
+        def __getattr__(self, name):
+            used.add(name)
+            return getattr(real, name)
 
-    monkeypatch.setattr(cpu_kernels, "softmax_scores", counting)
+    monkeypatch.setattr(cpu_kernels, "library", lambda: Spy())
     fast = pipe.generate("a red circle", **settings)
-    assert used, "the streaming pipeline should run the kernels"
+    # Attention (the GEMM one, or the softmax kernel without AVX-512) and the activations.
+    assert {"s2dit_attention", "s2dit_softmax_rows"} & used, used
+    assert {"s2dit_silu", "s2dit_gelu_tanh"} <= used, used
+    monkeypatch.setattr(cpu_kernels, "library", real_library)
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "1")
     cpu_kernels.library.cache_clear()
     try:

@@ -60,7 +60,8 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-shared", "-Wno-psabi", str(SOURCE)]
+    cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-Wno-psabi"]
+    cmd.append(str(SOURCE))
     try:
         done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -94,10 +95,16 @@ def library() -> ctypes.CDLL | None:
         unavailable_reason = f"build failed: {err}"
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.s2dit_softmax_rows.argtypes = [ptr, i64, i64]
+    lib.s2dit_softmax_rows.argtypes = [ptr, i64, i64, ctypes.c_float]
     lib.s2dit_silu.argtypes = [ptr, i64]
     lib.s2dit_gelu_tanh.argtypes = [ptr, i64]
-    for fn in (lib.s2dit_softmax_rows, lib.s2dit_silu, lib.s2dit_gelu_tanh):
+    lib.s2dit_linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+    lib.s2dit_conv3d.argtypes = [ptr, *[i64] * 10, ptr, ptr, i64, ptr, i64]
+    lib.s2dit_attention.argtypes = [*[i64] * 5, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64]
+    lib.s2dit_gemm_supported.argtypes = []
+    lib.s2dit_gemm_supported.restype = ctypes.c_int
+    fns = (lib.s2dit_softmax_rows, lib.s2dit_silu, lib.s2dit_gelu_tanh)
+    for fn in (*fns, lib.s2dit_linear, lib.s2dit_conv3d, lib.s2dit_attention):
         fn.restype = None
     unavailable_reason = None
     return lib
@@ -106,7 +113,10 @@ def library() -> ctypes.CDLL | None:
 def status() -> str:
     """For reports: the library in use ("vectorised (path)"), or why MLX's own ops run."""
     lib = library()
-    return f"vectorised ({lib._name})" if lib is not None else f"off: {unavailable_reason}"
+    if lib is None:
+        return f"off: {unavailable_reason}"
+    gemm = "AVX-512 GEMM, attention and conv" if gemm_available() else "no GEMM (needs AVX-512F)"
+    return f"vectorised, {gemm} ({lib._name})"
 
 
 @contextlib.contextmanager
@@ -190,5 +200,161 @@ def softmax_scores(scores: mx.array) -> bool:
     if view is None:
         return False
     cols = view.shape[-1]
-    library().s2dit_softmax_rows(view.ctypes.data, view.size // cols, cols)
+    library().s2dit_softmax_rows(view.ctypes.data, view.size // cols, cols, 1.0)
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix products and direct convolution
+
+# Below this many multiply-adds OpenBLAS's small-matrix paths are as fast.
+MIN_GEMM_MACS = 1 << 24
+
+
+def gemm_available() -> bool:
+    """Whether the kernels' GEMM runs on this CPU (its micro-kernel needs AVX-512F)."""
+    lib = library()
+    return lib is not None and bool(lib.s2dit_gemm_supported())
+
+
+def gemm_threads() -> int:
+    """Threads per product: as many as OpenBLAS is given, else every core."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
+
+
+def _gemm_usable(macs: int, x: mx.array, *others: mx.array | None) -> bool:
+    """Enabled, big enough, x usable (see usable()) and every other operand float32."""
+    return (
+        macs >= MIN_GEMM_MACS
+        and usable(x)
+        and all(a is None or a.dtype == mx.float32 for a in others)
+        and gemm_available()
+    )
+
+
+def _read_buffer(x: mx.array, rows_ok: bool = False) -> np.ndarray | None:
+    """A numpy view of x's evaluated buffer, C-contiguous (or, with rows_ok, with only the
+    last axis contiguous), else of a contiguous copy of x (e.g. weights transposed by
+    sanitize()); None inside traces."""
+    try:
+        mx.eval(x)
+    except ValueError:
+        return None
+    view = np.asarray(x)
+    strided_ok = rows_ok and view.strides[-1] == 4 and all(st % 4 == 0 for st in view.strides)
+    if not (view.flags.c_contiguous or strided_ok):
+        x = mx.contiguous(x)
+        mx.eval(x)
+        view = np.asarray(x)
+    return view
+
+
+def _address(view: np.ndarray | None) -> int | None:
+    return None if view is None else view.ctypes.data
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array | None:
+    """x @ weight.T + bias with the kernels' GEMM, or None where it does not apply."""
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.size // max(k, 1)
+    # (Narrow outputs waste most of the 32-wide micro-kernel: OpenBLAS does those.)
+    if weight.ndim != 2 or n < 16 or not _gemm_usable(m * n * k, x, weight, bias):
+        return None
+    a, w = _read_buffer(x), _read_buffer(weight)
+    b = None if bias is None else _read_buffer(bias)
+    out = mx.zeros((m, n), mx.float32)
+    view = _owned_buffer(out)
+    if a is None or w is None or view is None or (bias is not None and b is None):
+        return None
+    library().s2dit_linear(
+        m, n, k, a.ctypes.data, k, w.ctypes.data, _address(b), view.ctypes.data, gemm_threads()
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def conv3d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    history: mx.array | None = None,
+    causal: bool = False,
+    padding: tuple[int, int] = (0, 0),
+    upsample: int = 1,
+) -> mx.array | None:
+    """Stride-1 conv3d of x [B, T, H, W, C] by weight [O, kt, kh, kw, C], or None.
+
+    A direct convolution that reads its input in place: with `causal`, x is preceded by
+    `history` [B, kt - 1, H, W, C] (None: zeros) and gives T output frames; `padding` zero
+    pads (h, w); `upsample` 2 convolves the 2x nearest-upsampled frames. None of these
+    inputs is built in memory.
+    """
+    b, t, h, w, c = x.shape
+    o, kt, kh, kw, _ = weight.shape
+    ph, pw = padding
+    ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
+    t_out = t if causal else t - kt + 1
+    macs = b * t_out * ho * wo * o * kt * kh * kw * c
+    # Even a 3-channel output conv is faster here than as 27 three-column products.
+    if min(t_out, ho, wo) < 1 or not _gemm_usable(macs, x, weight, bias, history):
+        return None
+    views = [_read_buffer(x), _read_buffer(weight)]
+    if bias is not None:
+        views.append(_read_buffer(bias))
+    hist = None
+    if history is not None:
+        hist = _read_buffer(history)
+        views.append(hist)
+    out = mx.zeros((b, t_out, ho, wo, o), mx.float32)
+    out_view = _owned_buffer(out)
+    if any(v is None for v in views) or out_view is None:
+        return None
+    xs, wts = views[0], views[1]
+    bias_ptr = _address(views[2]) if bias is not None else None
+    frame_bytes = h * w * c * 4
+    for i in range(b):
+        frames = [hist[i, j].ctypes.data if hist is not None else None for j in range(kt - 1)]
+        frames = frames if causal else []
+        frames += [xs.ctypes.data + (i * t + j) * frame_bytes for j in range(t)]
+        table = (ctypes.c_void_p * len(frames))(*frames)
+        library().s2dit_conv3d(
+            table, len(frames), h, w, c, upsample, kt, kh, kw, ph, pw, wts.ctypes.data,
+            bias_ptr, o, out_view[i].ctypes.data, gemm_threads(),
+        )  # fmt: skip
+    return out
+
+
+# Query rows per score tile: a [tile, keys] float32 buffer of about 1 MB per thread (stays
+# in L2 from the scores product through the softmax to the values product).
+ATTENTION_TILE_ELEMENTS = 1 << 18
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array | None:
+    """softmax(scale * q k^T) v on [B, H, L, D] arrays (any strides), or None.
+
+    Scores are computed a query tile at a time into a small buffer by the kernels' GEMM
+    and never reach MLX. The result is [B, H, Lq, D] laid out as [B, Lq, H, D], so the
+    usual transpose back to tokens is free.
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    if d < 16 or not _gemm_usable(b * h * lq * lk * d, q, k, v):
+        return None
+    views = [_read_buffer(a, rows_ok=True) for a in (q, k, v)]
+    out = mx.zeros((b, lq, h, d), mx.float32)
+    out_view = _owned_buffer(out)
+    if any(view is None for view in views) or out_view is None:
+        return None
+    strides = [st // 4 for view in views for st in view.strides[:3]]
+    strides += [lq * h * d, d, h * d]  # out as [B, H, L, D]
+    table = (ctypes.c_int64 * 12)(*strides)
+    tile = max(1, min(lq, ATTENTION_TILE_ELEMENTS // lk))
+    qv, kv, vv = views
+    library().s2dit_attention(
+        b, h, lq, lk, d, qv.ctypes.data, kv.ctypes.data, vv.ctypes.data, out_view.ctypes.data,
+        table, scale, tile, gemm_threads(),
+    )  # fmt: skip
+    return out.transpose(0, 2, 1, 3)

@@ -78,8 +78,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
-    if cpu_kernels.usable(q):  # (the softmax kernel decides on the scores' own size)
-        out = _attention_cpu_kernels(q, k, v, scale, tile)
+    if cpu_kernels.usable(q):  # (each kernel decides on the sizes it takes)
+        out = cpu_kernels.attention(q, k, v, scale)
+        if out is None:  # no GEMM kernel here (no AVX-512): the softmax kernel alone
+            out = _attention_cpu_kernels(q, k, v, scale, tile)
         if out is not None:
             return out
     if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
@@ -95,6 +97,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
             q_tile = mx.depends(q_tile, outs[-1])
         outs.append(mx.fast.scaled_dot_product_attention(q_tile, k, v, scale=scale))
     return mx.concatenate(outs, axis=2)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product runs on the CPU kernels' GEMM where they are enabled."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if cpu_kernels.usable(x):
+            out = cpu_kernels.linear(x, self.weight, self.get("bias"))
+            if out is not None:
+                return out
+        return super().__call__(x)
 
 
 class GeluTanh(nn.Module):

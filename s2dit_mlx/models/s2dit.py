@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from ..errors import S2DiTError
 from ..streaming import KVWindow, LinearState, StreamCache, visible_chunks
-from .layers import GeluTanh, apply_rope, attention, rope_table
+from .layers import GeluTanh, Linear, apply_rope, attention, rope_table
 
 BLOCK_TYPES = ("full", "lcha", "ssa")
 
@@ -187,10 +187,10 @@ class FullAttention(nn.Module):
         super().__init__()
         dim = args.dim
         self.num_heads = args.num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=args.eps)
         self.norm_k = nn.RMSNorm(dim, eps=args.eps)
         self.core = SoftmaxCore(args)
@@ -281,12 +281,12 @@ class LinConvAttention(FullAttention):
         self.args = args
         feature_dim = args.lcha_feature_dim or args.head_dim
         kt, kh, kw = args.lcha_conv_kernel
-        self.feature_map = nn.Linear(args.head_dim, feature_dim)
+        self.feature_map = Linear(args.head_dim, feature_dim)
         # Depthwise kernel in MLX conv layout (O, D, H, W, I) with I = 1.
         scale = 1.0 / math.sqrt(kt * kh * kw)
         self.conv_weight = mx.random.uniform(-scale, scale, (args.dim, kt, kh, kw, 1))
         self.conv_bias = mx.zeros((args.dim,))
-        self.conv_proj = nn.Linear(args.dim, args.dim)
+        self.conv_proj = Linear(args.dim, args.dim)
         self.gate = mx.zeros((args.dim,))
 
     def _linear_path(self, q: mx.array, k: mx.array, v: mx.array, layout: TokenLayout):
@@ -362,10 +362,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         dim = args.dim
         self.num_heads = args.num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=args.eps)
         self.norm_k = nn.RMSNorm(dim, eps=args.eps)
 
@@ -392,8 +392,8 @@ class Block(nn.Module):
         self.self_attn = ATTENTION_CLASSES[block_type](args)
         self.norm3 = nn.LayerNorm(args.dim, eps=args.eps) if args.cross_attn_norm else None
         self.cross_attn = CrossAttention(args)
-        self.ffn = [nn.Linear(args.dim, args.ffn_dim), GeluTanh()]
-        self.ffn.append(nn.Linear(args.ffn_dim, args.dim))
+        self.ffn = [Linear(args.dim, args.ffn_dim), GeluTanh()]
+        self.ffn.append(Linear(args.ffn_dim, args.dim))
         self.modulation = mx.random.normal((1, 6, args.dim)) / math.sqrt(args.dim)
 
     def __call__(
@@ -421,7 +421,7 @@ class Head(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.eps = args.eps
-        self.head = nn.Linear(args.dim, args.out_dim * math.prod(args.patch_size))
+        self.head = Linear(args.dim, args.out_dim * math.prod(args.patch_size))
         self.modulation = mx.random.normal((1, 2, args.dim)) / math.sqrt(args.dim)
 
     def __call__(self, x: mx.array, e: mx.array) -> mx.array:
@@ -457,10 +457,10 @@ class S2DiT(nn.Module):
         self.args = args
         dim = args.dim
         self.patch_embedding = PatchEmbedding(args)
-        self.text_embedding = [nn.Linear(args.text_dim, dim), GeluTanh()]
-        self.text_embedding.append(nn.Linear(dim, dim))
-        self.time_embedding = [nn.Linear(args.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)]
-        self.time_projection = [nn.SiLU(), nn.Linear(dim, 6 * dim)]
+        self.text_embedding = [Linear(args.text_dim, dim), GeluTanh()]
+        self.text_embedding.append(Linear(dim, dim))
+        self.time_embedding = [Linear(args.freq_dim, dim), nn.SiLU(), Linear(dim, dim)]
+        self.time_projection = [nn.SiLU(), Linear(dim, 6 * dim)]
         self.blocks = [Block(args, block_type) for block_type in args.layers]
         self.head = Head(args)
 

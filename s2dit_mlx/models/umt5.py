@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..tokenizer import CLEAN_MODES, Tokenizer
+from .layers import Linear
 
 # feed_forward_proj -> (gated, activation), as transformers reads T5Config.feed_forward_proj
 # ("gated-gelu" is the tanh approximation, transformers' "gelu_new").
@@ -158,10 +159,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         inner = num_heads * head_dim
-        self.q = nn.Linear(dim, inner, bias=False)
-        self.k = nn.Linear(dim, inner, bias=False)
-        self.v = nn.Linear(dim, inner, bias=False)
-        self.o = nn.Linear(inner, dim, bias=False)
+        self.q = Linear(dim, inner, bias=False)
+        self.k = Linear(dim, inner, bias=False)
+        self.v = Linear(dim, inner, bias=False)
+        self.o = Linear(inner, dim, bias=False)
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
         b, n, _ = x.shape
@@ -180,9 +181,9 @@ class FeedForward(nn.Module):
         super().__init__()
         gated, self.act = _FEED_FORWARD[kind]
         if gated:
-            self.gate = nn.Linear(dim, dim_ffn, bias=False)
-        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
-        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+            self.gate = Linear(dim, dim_ffn, bias=False)
+        self.fc1 = Linear(dim, dim_ffn, bias=False)
+        self.fc2 = Linear(dim_ffn, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.fc1(x)

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import S2DiTError
+from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import silu
 from .layers import attention
 
@@ -293,6 +294,9 @@ class CausalConv3d(nn.Conv3d):
     def __call__(self, x: mx.array, cache: dict | None = None) -> mx.array:
         if self.weight.shape[1:4] == (1, 1, 1):
             return _pointwise(x, self.weight, self.bias)
+        fast = self._direct(x, cache)
+        if fast is not None:
+            return fast
         if self.kt > 1:
             hist = cache.get(id(self)) if cache is not None else None
             if hist is None:
@@ -305,6 +309,21 @@ class CausalConv3d(nn.Conv3d):
         if self.ph or self.pw:
             x = mx.pad(x, [(0, 0), (0, 0), (self.ph, self.ph), (self.pw, self.pw), (0, 0)])
         return _conv(x, self.weight) + self.bias
+
+    def _direct(self, x: mx.array, cache: dict | None) -> mx.array | None:
+        """The CPU kernels' direct convolution (history and padding read in place), or None."""
+        hist = cache.get(id(self)) if cache is not None and self.kt > 1 else None
+        out = cpu_kernels.conv3d(
+            x, self.weight, self.bias, hist, causal=self.kt > 1, padding=(self.ph, self.pw)
+        )
+        if out is not None and cache is not None and self.kt > 1:
+            keep = self.kt - 1
+            if x.shape[1] < keep:  # too short: the tail of the old history stays
+                b, _, h, w, c = x.shape
+                old = hist if hist is not None else mx.zeros((b, keep, h, w, c), x.dtype)
+                x = mx.concatenate([old, x], axis=1)
+            cache[id(self)] = mx.contiguous(x[:, x.shape[1] - keep :])
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -406,6 +425,11 @@ class Resample(nn.Module):
     def _spatial(self, x: mx.array) -> mx.array:
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
+            # Upsampling read in place by the CPU kernels' direct convolution, when they run.
+            w = conv.weight[:, None]
+            fast = cpu_kernels.conv3d(x, w, conv.bias, padding=(1, 1), upsample=2)
+            if fast is not None:
+                return fast
             pads = [(0, 0), (1, 1), (1, 1), (0, 0)]
             return _frames_apply(
                 x, lambda f: _conv(mx.pad(_upsample_nearest2x(f), pads), conv.weight) + conv.bias

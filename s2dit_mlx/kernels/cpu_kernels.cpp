@@ -162,12 +162,7 @@ namespace {
 constexpr int MR = 12, NR = 32;
 // Blocks: K in chunks of KC (one kernel tap at a time), MC rows of C per block (its A rows
 // stay in L2), B packed NC columns at a time; measured on the CI machine's AMD EPYC.
-#ifndef GEMM_KC
-#define GEMM_KC 384
-#define GEMM_MC 96
-#define GEMM_NC 512
-#endif
-constexpr int64_t KC = GEMM_KC, MC = GEMM_MC, NC = GEMM_NC;
+constexpr int64_t KC = 384, MC = 96, NC = 512;
 
 // B as the GEMM reads it: element (n, k) is b[n * ld + k], or b[k * ld + n] when `kn`.
 struct MatrixB {

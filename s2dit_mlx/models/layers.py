@@ -80,7 +80,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
     if cpu_kernels.usable(q):  # (each kernel decides on the sizes it takes)
         out = cpu_kernels.attention(q, k, v, scale)
-        if out is None:  # no GEMM kernel here (no AVX-512): the softmax kernel alone
+        if out is None:  # too small for the GEMM, or no AVX-512: the softmax kernel alone
             out = _attention_cpu_kernels(q, k, v, scale, tile)
         if out is not None:
             return out
@@ -103,11 +103,8 @@ class Linear(nn.Linear):
     """nn.Linear whose product runs on the CPU kernels' GEMM where they are enabled."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_kernels.usable(x):
-            out = cpu_kernels.linear(x, self.weight, self.get("bias"))
-            if out is not None:
-                return out
-        return super().__call__(x)
+        out = cpu_kernels.linear(x, self.weight, self.get("bias"))
+        return super().__call__(x) if out is None else out
 
 
 class GeluTanh(nn.Module):

@@ -355,6 +355,7 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
     multiply(MatrixRows{scores, ld, lk}, packed_v, nullptr, out + i * ldo, ldo, 0, rows, d);
   }
 }
+
 }  // namespace
 
 extern "C" {

@@ -301,28 +301,25 @@ def conv3d(
     # Even a 3-channel output conv is faster here than as 27 three-column products.
     if min(t_out, ho, wo) < 1 or not _gemm_usable(macs, x, weight, bias, history):
         return None
-    views = [_read_buffer(x), _read_buffer(weight)]
-    if bias is not None:
-        views.append(_read_buffer(bias))
-    hist = None
-    if history is not None:
-        hist = _read_buffer(history)
-        views.append(hist)
+    xs, wts = _read_buffer(x), _read_buffer(weight)
+    bias_view = None if bias is None else _read_buffer(bias)
+    hist = None if history is None else _read_buffer(history)
     out = mx.zeros((b, t_out, ho, wo, o), mx.float32)
     out_view = _owned_buffer(out)
-    if any(v is None for v in views) or out_view is None:
+    given = [(xs, x), (wts, weight), (bias_view, bias), (hist, history), (out_view, out)]
+    if any(view is None and array is not None for view, array in given):
         return None
-    xs, wts = views[0], views[1]
-    bias_ptr = _address(views[2]) if bias is not None else None
     frame_bytes = h * w * c * 4
     for i in range(b):
-        frames = [hist[i, j].ctypes.data if hist is not None else None for j in range(kt - 1)]
-        frames = frames if causal else []
-        frames += [xs.ctypes.data + (i * t + j) * frame_bytes for j in range(t)]
+        # The kt - 1 frames before x (None: zeros), then x's own.
+        frames = [None if hist is None else hist[i, j].ctypes.data for j in range(kt - 1)]
+        frames = (frames if causal else []) + [
+            xs.ctypes.data + (i * t + j) * frame_bytes for j in range(t)
+        ]
         table = (ctypes.c_void_p * len(frames))(*frames)
         library().s2dit_conv3d(
             table, len(frames), h, w, c, upsample, kt, kh, kw, ph, pw, wts.ctypes.data,
-            bias_ptr, o, out_view[i].ctypes.data, gemm_threads(),
+            _address(bias_view), o, out_view[i].ctypes.data, gemm_threads(),
         )  # fmt: skip
     return out
 

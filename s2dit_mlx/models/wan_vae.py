@@ -294,36 +294,28 @@ class CausalConv3d(nn.Conv3d):
     def __call__(self, x: mx.array, cache: dict | None = None) -> mx.array:
         if self.weight.shape[1:4] == (1, 1, 1):
             return _pointwise(x, self.weight, self.bias)
-        fast = self._direct(x, cache)
-        if fast is not None:
-            return fast
-        if self.kt > 1:
-            hist = cache.get(id(self)) if cache is not None else None
-            if hist is None:
-                b, _, h, w, c = x.shape
-                hist = mx.zeros((b, self.kt - 1, h, w, c), dtype=x.dtype)
-            x = mx.concatenate([hist, x], axis=1)
+        keep = self.kt - 1
+        hist = cache.get(id(self)) if cache is not None and keep else None
+        # The CPU kernels' direct convolution reads the history and the padding in place.
+        out = cpu_kernels.conv3d(
+            x, self.weight, self.bias, hist, causal=keep > 0, padding=(self.ph, self.pw)
+        )
+        if keep:
+            # MLX's conv needs x after its history (zeros before the video starts); the
+            # kernel only when x is too short to leave a whole history behind.
+            if out is None or x.shape[1] < keep:
+                if hist is None:
+                    b, _, h, w, c = x.shape
+                    hist = mx.zeros((b, keep, h, w, c), dtype=x.dtype)
+                x = mx.concatenate([hist, x], axis=1)
             if cache is not None:
                 # A copy, so the cache does not pin this call's whole input.
-                cache[id(self)] = mx.contiguous(x[:, x.shape[1] - (self.kt - 1) :])
+                cache[id(self)] = mx.contiguous(x[:, x.shape[1] - keep :])
+        if out is not None:
+            return out
         if self.ph or self.pw:
             x = mx.pad(x, [(0, 0), (0, 0), (self.ph, self.ph), (self.pw, self.pw), (0, 0)])
         return _conv(x, self.weight) + self.bias
-
-    def _direct(self, x: mx.array, cache: dict | None) -> mx.array | None:
-        """The CPU kernels' direct convolution (history and padding read in place), or None."""
-        hist = cache.get(id(self)) if cache is not None and self.kt > 1 else None
-        out = cpu_kernels.conv3d(
-            x, self.weight, self.bias, hist, causal=self.kt > 1, padding=(self.ph, self.pw)
-        )
-        if out is not None and cache is not None and self.kt > 1:
-            keep = self.kt - 1
-            if x.shape[1] < keep:  # too short: the tail of the old history stays
-                b, _, h, w, c = x.shape
-                old = hist if hist is not None else mx.zeros((b, keep, h, w, c), x.dtype)
-                x = mx.concatenate([old, x], axis=1)
-            cache[id(self)] = mx.contiguous(x[:, x.shape[1] - keep :])
-        return out
 
 
 class RMSNorm(nn.Module):

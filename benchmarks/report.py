@@ -134,10 +134,14 @@ def wan_vs_torch_table(r: dict) -> list[str]:
         d = r["dit"]
         for row in d["rows"]:
             builtin = row.get("mlx_builtin_ops_s")
+            spread = row.get("torch_over_mlx_range")
+            ratio = f"{row['torch_over_mlx']:.2f}"
+            if spread:  # median of the pairs taken in turns, and their range
+                ratio += f" ({spread[0]:.2f}-{spread[1]:.2f})"
             lines.append(
                 f"| DiT forward, {d['layers']} layers, dim {d['dim']}, fp32 | {row['tokens']} "
                 f"tokens | {row['torch_s']:.2f} | {row['mlx_s']:.2f} | "
-                f"{row['torch_over_mlx']:.2f} | "
+                f"{ratio} | "
                 f"{'-' if builtin is None else f'{builtin:.2f}'} | "
                 f"{row['max_rel_err']:.1e} (rel) |"
             )

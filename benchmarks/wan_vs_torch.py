@@ -12,7 +12,9 @@ Writes benchmarks/results/wan_vs_torch.json and prints a markdown table:
   of one denoising step (CFG: two forwards + a UniPC step) of the converted 30-layer model
   with bf16 weights.
 
-Each figure is one timed run after a warm-up (`--repeats` for more; the median is kept).
+The DiT runs torch and MLX in turns, `--dit-repeats` times each after a warm-up, and keeps
+the medians (times, and the ratio of each pair); the VAE figure is one timed run
+(`--repeats` for more; the median is kept).
 Torch runs with `--threads` threads (default 2); MLX's OpenBLAS with its default (all cores),
 or OPENBLAS_NUM_THREADS (recorded; `--threads 1` with OPENBLAS_NUM_THREADS=1 pins both to 1).
 On this CPU, MLX has no fast bf16 GEMM (~20x slower than fp32), so the all-bf16 step
@@ -64,6 +66,20 @@ def timed(fn, repeats: int):
         out = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def timed_alternating(fn_a, fn_b, repeats: int):
+    """Times of fn_a and fn_b called in turns (a, b, a, b, ...) and their last results.
+
+    Taken in turns, a slow spell of the machine lands on both sides instead of one.
+    """
+    times, outs = ([], []), [None, None]
+    for _ in range(repeats):
+        for side, fn in enumerate((fn_a, fn_b)):
+            start = time.perf_counter()
+            outs[side] = fn()
+            times[side].append(time.perf_counter() - start)
+    return times[0], times[1], outs[0], outs[1]
 
 
 def randomise_torch(module, seed: int) -> None:
@@ -122,7 +138,7 @@ def bench_dit(token_frames: list[int], grid, layers: int, repeats: int) -> dict:
     context[0, :20] = rng.standard_normal((20, TEXT_DIM))  # a 20-token prompt, zero-padded
     t = np.array([500.0], np.float32)
     rows = []
-    for i, frames in enumerate(token_frames):
+    for frames in token_frames:
         x = rng.standard_normal((1, frames, *grid, Z)).astype(np.float32)
         tx, tt, tc = (
             torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))),
@@ -141,14 +157,14 @@ def bench_dit(token_frames: list[int], grid, layers: int, repeats: int) -> dict:
                 mx.eval(out)
             return out
 
-        if i == 0:  # warm-up: thread pools, allocator caches
-            run_torch(), run_mlx()
-        torch_s, ref_out = timed(run_torch, repeats)
-        # MLX's own exp/tanh kernels, for the record (what the vectorised ones replace).
-        builtin_s, _ = timed(lambda: run_mlx(kernels=False), repeats)
+        run_torch(), run_mlx()  # warm-up at this size: thread pools, allocator caches
         mx.reset_peak_memory()
-        mlx_s, out = timed(run_mlx, repeats)
+        torch_times, mlx_times, ref_out, out = timed_alternating(run_torch, run_mlx, repeats)
         mlx_peak = mx.get_peak_memory()
+        torch_s, mlx_s = statistics.median(torch_times), statistics.median(mlx_times)
+        ratios = [a / b for a, b in zip(torch_times, mlx_times, strict=True)]
+        # MLX's own matmuls and exp/tanh, for the record (what our CPU kernels replace).
+        builtin_s, _ = timed(lambda: run_mlx(kernels=False), 1)
         err = rel_err(np.array(out), ref_out.numpy().transpose(0, 2, 3, 4, 1))
         tokens = frames * (grid[0] // 2) * (grid[1] // 2)
         rows.append(
@@ -158,15 +174,19 @@ def bench_dit(token_frames: list[int], grid, layers: int, repeats: int) -> dict:
                 "torch_s": torch_s,
                 "mlx_s": mlx_s,
                 "mlx_builtin_ops_s": builtin_s,
-                "torch_over_mlx": torch_s / mlx_s,
+                "torch_over_mlx": statistics.median(ratios),
+                "torch_over_mlx_range": [min(ratios), max(ratios)],
+                "torch_times_s": torch_times,
+                "mlx_times_s": mlx_times,
                 "mlx_peak_mb": mlx_peak / 1e6,
                 "max_rel_err": err,
             }
         )
         print(
             f"  DiT {tokens} tokens: torch {torch_s:.2f} s, mlx {mlx_s:.2f} s "
-            f"(MLX's own exp/tanh: {builtin_s:.2f} s) "
-            f"(torch/mlx {torch_s / mlx_s:.2f}), rel err {err:.1e}",
+            f"(no CPU kernels: {builtin_s:.2f} s) "
+            f"(torch/mlx {statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f} "
+            f"over {repeats} runs in turns), rel err {err:.1e}",
             flush=True,
         )
     return {"dim": DIM, "heads": HEADS, "ffn_dim": FFN, "layers": layers, "rows": rows}
@@ -372,7 +392,15 @@ def bench_step(folder: Path, grid, latent_frames: int, compute: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes, to check the script")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per figure")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per VAE figure (median kept)"
+    )
+    parser.add_argument(
+        "--dit-repeats",
+        type=int,
+        default=5,
+        help="DiT: timed runs of each side, in turns (torch, MLX, torch, ...); medians kept",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--only", default="dit,vae,convert,step", help="comma-separated parts to run"
@@ -415,6 +443,7 @@ def main() -> None:
         "torch_threads": opts.threads,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "repeats": opts.repeats,
+        "dit_repeats": opts.dit_repeats,
         "mlx_cpu_kernels": cpu_kernels.status(),
         # other work on the machine skews the timings: recorded at the start and the end
         "load_average_start": os.getloadavg()[0],
@@ -433,7 +462,7 @@ def main() -> None:
         }
     started = time.perf_counter()
     if "dit" in parts:
-        result["dit"] = bench_dit(dit_frames, dit_grid, 4, opts.repeats)
+        result["dit"] = bench_dit(dit_frames, dit_grid, 4, opts.dit_repeats)
     if "vae" in parts:
         result["vae"] = bench_vae(vae_frames, vae_grid, opts.repeats)
     if parts & {"convert", "step"}:

@@ -206,7 +206,8 @@ def test_direct_conv3d_matches_mlx(
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gemm_attention_matches_mlx(gemm, monkeypatch, threads):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(threads))
-    monkeypatch.setattr(cpu_kernels, "ATTENTION_TILE_ELEMENTS", 37 * 7)  # 8 tiles, last short
+    monkeypatch.setattr(cpu_kernels, "ATTENTION_TILE_ELEMENTS", 37 * 12)  # 5 tiles, last short
+    assert cpu_kernels.attention_tile(50, 37) == 12
     # Strided views as the models pass them: q, v from [B, L, H, D], k already [B, H, L, D].
     q = _normal((2, 50, 3, 16), 8).swapaxes(1, 2) * 3
     k = _normal((2, 3, 37, 16), 9) * 3
@@ -220,6 +221,14 @@ def test_gemm_attention_matches_mlx(gemm, monkeypatch, threads):
     _close(via_layers, ref, tol=1e-5)
     # The result is laid out as [B, L, H, D]: back to tokens without a copy.
     assert np.asarray(out.swapaxes(1, 2)).flags.c_contiguous
+
+
+def test_attention_tiles_are_whole_micro_tiles():
+    """About 2^18 scores per tile, in whole 12-row micro-kernel tiles, never more than lq."""
+    assert cpu_kernels.attention_tile(4680, 4680) == 60  # 56 by size alone
+    assert cpu_kernels.attention_tile(1560, 1560) == 168
+    assert cpu_kernels.attention_tile(5, 4680) == 5
+    assert cpu_kernels.attention_tile(10**6, 10**6) == 12
 
 
 def test_traced_code_falls_back(kernels):

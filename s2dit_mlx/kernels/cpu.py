@@ -325,8 +325,16 @@ def conv3d(
 
 
 # Query rows per score tile: a [tile, keys] float32 buffer of about 1 MB per thread (stays
-# in L2 from the scores product through the softmax to the values product).
+# in L2 from the scores product through the softmax to the values product), in whole
+# micro-kernel tiles (MR in cpu_kernels.cpp): at 4680 keys, 56 rows would compute 60.
 ATTENTION_TILE_ELEMENTS = 1 << 18
+GEMM_TILE_ROWS = 12
+
+
+def attention_tile(lq: int, lk: int) -> int:
+    """Query rows per score tile for lq queries over lk keys."""
+    tiles = max(1, round(ATTENTION_TILE_ELEMENTS / lk / GEMM_TILE_ROWS))
+    return min(lq, tiles * GEMM_TILE_ROWS)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array | None:
@@ -348,7 +356,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array |
     strides = [st // 4 for view in views for st in view.strides[:3]]
     strides += [lq * h * d, d, h * d]  # out as [B, H, L, D]
     table = (ctypes.c_int64 * 12)(*strides)
-    tile = max(1, min(lq, ATTENTION_TILE_ELEMENTS // lk))
+    tile = attention_tile(lq, lk)
     qv, kv, vv = views
     library().s2dit_attention(
         b, h, lq, lk, d, qv.ctypes.data, kv.ctypes.data, vv.ctypes.data, out_view.ctypes.data,

@@ -18,7 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #define LANES 16
@@ -164,6 +166,35 @@ constexpr int MR = 12, NR = 32;
 // stay in L2), B packed NC columns at a time; measured on the CI machine's AMD EPYC.
 constexpr int64_t KC = 384, MC = 96, NC = 512;
 
+// Work buffers kept between calls. A fresh vector per call (18 MB of packed B for the Wan
+// FFN's down projection) costs a zero fill and its page faults every time. A caller takes a
+// buffer for the length of its work and gives it back, so concurrent calls never share one.
+class Scratch {
+ public:
+  explicit Scratch(size_t count) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!free_.empty()) {
+        buf_ = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (buf_.size() < count) buf_.resize(count);
+  }
+  ~Scratch() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(buf_));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return buf_.data(); }
+
+ private:
+  std::vector<float> buf_;
+  static inline std::mutex mutex_;
+  static inline std::vector<std::vector<float>> free_;
+};
+
 // B as the GEMM reads it: element (n, k) is b[n * ld + k], or b[k * ld + n] when `kn`.
 struct MatrixB {
   const float* b;
@@ -305,7 +336,7 @@ template <class Rows>
 void gemm_rows(const Rows& A, const MatrixB& B, const float* bias, float* c, int64_t ldc,
                int64_t m_begin, int64_t m_end, int64_t N) {
   const int64_t K = A.taps() * A.cin();
-  std::vector<float> b_buf(NC * K);
+  Scratch b_buf(NC * K);
   for (int64_t n0 = 0; n0 < N; n0 += NC) {
     const int64_t nc = N - n0 < NC ? N - n0 : NC;
     pack_b(B, K, n0, (nc + NR - 1) / NR * NR, N, b_buf.data());
@@ -386,8 +417,8 @@ void s2dit_attention(int64_t batch, int64_t heads, int64_t lq, int64_t lk, int64
   const int64_t pairs = batch * heads;
   // Heads spread over threads, each with its own buffers.
   auto run = [&](int64_t first, int64_t step) {
-    std::vector<float> scores(tile * round_up(lk, 16));
-    std::vector<float> packed_k(round_up(lk, NR) * d), packed_v(round_up(d, NR) * lk);
+    Scratch scores(tile * round_up(lk, 16));
+    Scratch packed_k(round_up(lk, NR) * d), packed_v(round_up(d, NR) * lk);
     for (int64_t p = first; p < pairs; p += step) {
       const int64_t b = p / heads, h = p % heads;
       attention_head(q + b * sq[0] + h * sq[1], sq[2], k + b * sk[0] + h * sk[1], sk[2],

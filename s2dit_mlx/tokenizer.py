@@ -16,6 +16,7 @@ transformers' T5Tokenizer reads it back with identical ids.
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 import string
@@ -174,6 +175,36 @@ class Tokenizer:
         return ids, mask
 
 
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5 ids 0, 1, 2
+
+
+def _t5_pre_tokenizer():
+    """T5's word splitting: whitespace, then Metaspace ("▁word")."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+
+
+def _t5_layout(backend, path: str | os.PathLike | None) -> Tokenizer:
+    """Give a Unigram backend T5's pipeline (word split, Metaspace, "$A </s>"); save it."""
+    from tokenizers import decoders, processors
+
+    backend.pre_tokenizer = _t5_pre_tokenizer()
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tokenizer = Tokenizer(backend)
+    if path is not None:
+        tokenizer.save(path)
+    return tokenizer
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None
 ) -> Tokenizer:
@@ -184,27 +215,45 @@ def train_tokenizer(
     cleaned like prompts before training. Saves to `path` when given.
     """
     tk = _tokenizers()
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import models, trainers
 
     backend = tk.Tokenizer(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        ]
-    )
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = _t5_pre_tokenizer()  # the trainer sees the words T5 will see
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
+        special_tokens=list(SPECIAL_TOKENS),
         unk_token="<unk>",
         show_progress=False,
     )
     backend.train_from_iterator((clean_text(t) for t in texts), trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    tokenizer = Tokenizer(backend)
-    if path is not None:
-        tokenizer.save(path)
-    return tokenizer
+    return _t5_layout(backend, path)
+
+
+def word_tokenizer(texts: Iterable[str], path: str | os.PathLike | None = None) -> Tokenizer:
+    """A Unigram tokenizer.json with one piece per word of `texts` (T5 layout, as above).
+
+    For a closed vocabulary, such as the captions of a procedural world. tokenizers'
+    UnigramTrainer keeps sub-word pieces on a corpus that small (the shapes world's captions
+    came out at up to 41 tokens), so a short text encoder never saw the last words. Here every
+    word is one piece scored by its log frequency, and every character is a piece scored far
+    below any word, so an unseen word still tokenizes (into characters) and a known one never
+    splits. Texts are cleaned like prompts. Saves to `path` when given.
+    """
+    tk = _tokenizers()
+    from tokenizers import models
+
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word in clean_text(text).split():
+            counts["▁" + word] = counts.get("▁" + word, 0) + 1
+    if not counts:
+        raise S2DiTError("word_tokenizer needs at least one non-empty text")
+    total = sum(counts.values())
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    pieces = [(w, math.log(counts[w] / total)) for w in words]
+    floor = min(score for _, score in pieces) - 10.0
+    chars = sorted({c for w in words for c in w} - set(words))
+    pieces += [(c, floor) for c in chars]
+    backend = tk.Tokenizer(models.Unigram([(t, 0.0) for t in SPECIAL_TOKENS] + pieces, unk_id=2))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return _t5_layout(backend, path)

@@ -53,9 +53,11 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(default_model.LATENTS_ENV, "")  # the recipe sets it; undone afterwards
     run = tmp_path / "run"
     argv = ["--out", str(run), "--vae-steps", "2", "--vae-mlp-blocks", "1", "--clips", "8"]
-    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "0"]
+    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "0", "--tokenizer", "words"]
     assert default_model.main(argv) == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err  # --tokenizer words cuts no caption
     bundle = load_model(run / "model")
+    assert default_model.trimmed_captions(bundle.text_encoder.tokenizer) == 0
     assert bundle.vae.config.mlp_blocks == 1 and bundle.vae.config.latents_std
     assert bundle.defaults == default_model.DEFAULTS
     assert (run / "dit" / "loss.json").exists() and (run / "vae_run" / "loss.json").exists()
@@ -111,3 +113,24 @@ def test_default_model_recipe_rejects_bad_init(tmp_path, capsys):
     assert default_model.main(argv) == 2
     assert "--palette-bits takes 1..8" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # bad arguments write nothing
+
+
+def test_word_tokenizer_reads_every_caption_whole():
+    """--tokenizer words: one id per word plus EOS, all within 16, one row per caption; the
+    trimming count flags a tokenizer that cuts captions."""
+    from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
+    from train.default_model import all_captions, trimmed_captions
+
+    captions = all_captions()
+    tokenizer = word_tokenizer(captions).replace(text_len=16)
+    rows = tokenizer.tokenize(captions)
+    assert [len(r) for r in rows] == [len(c.split()) + 1 for c in captions]
+    assert len({tuple(r) for r in rows}) == len(captions)
+    assert trimmed_captions(tokenizer) == 0
+    longest = max(len(c.split()) + 1 for c in captions)
+    short = tokenizer.replace(text_len=longest - 1)
+    assert trimmed_captions(short) == sum(len(c.split()) + 1 == longest for c in captions) > 0
+    assert isinstance(short, Tokenizer)
+    # Why the flag exists: the trainer's sub-word pieces (--tokenizer unigram) cut captions.
+    unigram = train_tokenizer(captions, vocab_size=64).replace(text_len=16)
+    assert trimmed_captions(unigram) > len(captions) // 2

@@ -29,7 +29,7 @@ from s2dit_mlx.models.umt5 import (
     UMT5TextEncoder,
     relative_position_buckets,
 )
-from s2dit_mlx.tokenizer import Tokenizer, clean_text, train_tokenizer
+from s2dit_mlx.tokenizer import Tokenizer, clean_text, train_tokenizer, word_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -308,10 +308,14 @@ def test_config_validation():
 # Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["trained", "words"])
+def tokenizer_dir(request, tmp_path_factory) -> Path:
+    """A Unigram tokenizer.json from tokenizers' trainer, or with one piece per word."""
     folder = tmp_path_factory.mktemp("tok")
-    train_tokenizer(TRAIN_TEXTS * 3, vocab_size=120, path=folder / "tokenizer.json")
+    if request.param == "trained":
+        train_tokenizer(TRAIN_TEXTS * 3, vocab_size=120, path=folder / "tokenizer.json")
+    else:
+        word_tokenizer(TRAIN_TEXTS, path=folder / "tokenizer.json")
     # What Wan's folder google/umt5-xxl says, so AutoTokenizer picks T5Tokenizer as in Wan.
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
     return folder

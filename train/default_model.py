@@ -3,7 +3,8 @@
 The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
 hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
-1. a Unigram tokenizer (`tokenizers`) on every caption the world can produce;
+1. a Unigram tokenizer (`tokenizers`) on every caption the world can produce (--tokenizer
+   unigram, as the shipped model) or with one piece per word of them (--tokenizer words);
 2. a small VAE (train.vae; the causal patch VAE with MLP blocks by default, or --vae-arch wan
    for the Wan architecture at a small width), unless --vae names a trained one;
 3. the latents of N training clips, encoded once and cached;
@@ -38,7 +39,7 @@ from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
-from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer
+from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
 
 from . import rng
 from .palette import PALETTE_BITS
@@ -151,12 +152,15 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     return source
 
 
-def build_init(out: Path, vae_dir: Path, seed: int) -> Path:
+def build_init(out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "unigram") -> Path:
     """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT."""
     init = out / "init"
     if (init / "config.json").exists():
         return init
-    tokenizer = train_tokenizer(all_captions(), vocab_size=64, path=out / "tokenizer.json")
+    if tokenizer_kind == "words":
+        tokenizer = word_tokenizer(all_captions(), path=out / "tokenizer.json")
+    else:
+        tokenizer = train_tokenizer(all_captions(), vocab_size=64, path=out / "tokenizer.json")
     te_cfg = text_encoder_config(tokenizer.vocab_size)
     mx.random.seed(seed)
     text_encoder = UMT5TextEncoder(te_cfg)
@@ -195,6 +199,12 @@ def continue_from(model_dir: Path, out: Path) -> Path:
     return save_as(bundle, init, mx.float32)  # train in float32 even from a float16 folder
 
 
+def trimmed_captions(tokenizer: Tokenizer) -> int:
+    """How many captions of the world need more ids (EOS included) than the encoder reads."""
+    ids = tokenizer.backend.encode_batch(all_captions(), add_special_tokens=False)
+    return sum(len(e.ids) + 1 > tokenizer.text_len for e in ids)
+
+
 def folder_mb(path: Path) -> float:
     """Size of a folder in MB."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
@@ -213,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL_DIR",
         help="continue a finished model folder (its VAE, text encoder and DiT) with a fresh "
         "schedule and fresh clips (use a new --seed); skips the VAE stage",
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=["unigram", "words"],
+        default="unigram",
+        help="unigram: tokenizers' UnigramTrainer (the shipped model; it splits words into "
+        "pieces, so captions past 16 ids are cut); words: one piece per word, every caption "
+        "read whole (ignored with --init, which keeps the model's tokenizer)",
     )
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE steps when --vae is not given")
     p.add_argument(
@@ -303,8 +321,16 @@ def run(args: argparse.Namespace) -> Path:
         init = continue_from(Path(args.init), out)
     else:
         vae_dir = Path(args.vae) if args.vae else vae_stage(args, out)
-        init = build_init(out, vae_dir, args.seed)
+        init = build_init(out, vae_dir, args.seed, args.tokenizer)
     bundle = load_model(init)
+    trimmed = trimmed_captions(bundle.text_encoder.tokenizer)
+    if trimmed:
+        print(
+            f"warning: the tokenizer cuts {trimmed} of {len(all_captions())} captions to "
+            f"{bundle.text_encoder.tokenizer.text_len} ids, so the model never reads their ends "
+            "(a new run with --tokenizer words keeps every caption whole)",
+            file=sys.stderr,
+        )
     latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
     os.environ[LATENTS_ENV] = str(latents)
     settings = [

@@ -43,12 +43,17 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="override the model's default CFG scale")
     parser.add_argument("--steps", type=int, help="override the model's default denoising steps")
     parser.add_argument("--shift", type=float, help="override the model's default flow shift")
+    parser.add_argument(
+        "--solver", choices=["euler", "unipc", "few-step"], help="override the model's solver"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     opts = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(opts.model)
     overrides = {
-        k: getattr(opts, k) for k in ("guidance", "steps", "shift") if getattr(opts, k) is not None
+        k: getattr(opts, k)
+        for k in ("guidance", "steps", "shift", "solver")
+        if getattr(opts, k) is not None
     }
     fps = pipe.defaults["fps"]
     rng = np.random.default_rng(opts.seed)
@@ -108,10 +113,10 @@ def main() -> None:
         "fps": fps,
         "clip_frames": short,
         "settings": {
-            **{k: pipe.defaults[k] for k in ("steps", "guidance", "shift", "mode")},
+            **{k: pipe.defaults[k] for k in ("steps", "guidance", "shift", "mode", "solver")},
             **overrides,
         },
-        "accuracy": {k: acc[k] for k in ("colour", "shape", "motion", "all")},
+        "accuracy": {k: acc[k] for k in ("colour", "shape", "motion", "all", "background")},
         "seconds_per_clip": float(np.median(clip_times)),
         "long_clip_frames": long,
         "long_coherence_mean": _stat(np.mean, [r["coherence"] for r in long_runs]),

@@ -78,16 +78,20 @@ def streaming_table(r: dict) -> list[str]:
 def quality_table(r: dict) -> list[str]:
     acc = r["accuracy"]
     h, w = r["size"]
+    s = r["settings"]
+    background = f"{100 * acc['background']:.0f}%" if "background" in acc else "-"
     return [
         f"**Built-in model quality and speed** ({len(r['clips'])} random prompts and seeds, "
         f"{r['clip_frames']}-frame clips at {w}x{h}, {r['fps']} fps, read back by "
-        f"`s2dit_mlx.evaluate`; `benchmarks/quality.py`)",
+        f"`s2dit_mlx.evaluate`; {s['mode']}, solver {s.get('solver', 'few-step')}, "
+        f"{s['steps']} steps per chunk, shift {s['shift']:g}, CFG {s['guidance']:g}; "
+        "`benchmarks/quality.py`)",
         "",
-        "| colour | shape | motion | all three | 10 s streamed clip: coherent frames (mean / min) "
-        "| seconds per 2 s clip | streaming frames/s |",
-        "|---|---|---|---|---|---|---|",
+        "| colour | shape | motion | all three | background | 10 s streamed clip: coherent "
+        "frames (mean / min) | seconds per 2 s clip | streaming frames/s |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {100 * acc['colour']:.0f}% | {100 * acc['shape']:.0f}% | {100 * acc['motion']:.0f}% "
-        f"| {100 * acc['all']:.0f}% | {100 * r['long_coherence_mean']:.0f}% / "
+        f"| {100 * acc['all']:.0f}% | {background} | {100 * r['long_coherence_mean']:.0f}% / "
         f"{100 * r['long_coherence_min']:.0f}% | {r['seconds_per_clip']:.2f} | "
         f"{r['streaming_frames_per_s']:.1f} |",
     ]

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["streaming", "bidirectional"],
         help="streaming: chunk by chunk with a cache; bidirectional: whole video at once",
     )
-    gen.add_argument("--solver", choices=["euler", "unipc"], help="solver (bidirectional mode)")
+    gen.add_argument(
+        "--solver",
+        choices=["euler", "unipc", "few-step"],
+        help="euler or unipc: an ODE solver over the whole video (bidirectional) or each chunk "
+        "(streaming); few-step: the re-noising sampler of distilled students (streaming only)",
+    )
     gen.add_argument(
         "--fps", type=float, metavar="FPS", help="frames per second of the output video"
     )

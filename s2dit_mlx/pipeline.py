@@ -2,9 +2,10 @@
 
 Two modes, chosen by the model folder's defaults (or per call):
 
-- "streaming": chunk by chunk with the few-step schedule and the per-layer caches
-  (streaming.stream_latent_chunks); each clean latent chunk is decoded by the VAE's
-  streaming decoder at once, so `stream()` yields frames while later chunks are still
+- "streaming": chunk by chunk with the per-layer caches (streaming.stream_latent_chunks),
+  each chunk integrated by the solver (Euler or UniPC) or, for distilled students, by the
+  few-step re-noising sampler (solver "few-step"); each clean latent chunk is decoded by the
+  VAE's streaming decoder at once, so `stream()` yields frames while later chunks are still
   being generated;
 - "bidirectional": a flow-matching solver (Euler or UniPC) over the whole latent
   sequence with classifier-free guidance, then a chunked causal decode.
@@ -28,6 +29,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -188,10 +190,11 @@ class Pipeline:
             raise S2DiTError(f"shift must be a positive number, got {s.shift!r}")
         if s.mode not in MODES:
             raise S2DiTError(f"mode must be one of {', '.join(MODES)}, got {s.mode!r}")
-        if s.solver not in sampling.SOLVERS:
-            raise S2DiTError(
-                f"solver must be one of {', '.join(sampling.SOLVERS)}, got {s.solver!r}"
-            )
+        solvers = (*sampling.SOLVERS, sampling.FEW_STEP)
+        if s.solver not in solvers:
+            raise S2DiTError(f"solver must be one of {', '.join(solvers)}, got {s.solver!r}")
+        if s.solver == sampling.FEW_STEP and s.mode != "streaming":
+            raise S2DiTError(f"the {sampling.FEW_STEP} solver runs in streaming mode only")
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -348,17 +351,21 @@ class Pipeline:
                 bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", leave=True)
         try:
             if s.mode == "streaming":
+                if s.solver == sampling.FEW_STEP:
+                    sampler = {"timesteps": sampling.few_step_timesteps(s.steps, s.shift)}
+                else:
+                    sampler = {"solver": partial(sampling.make_solver, s.solver, s.steps, s.shift)}
                 chunks = stream_latent_chunks(
                     self.dit,
                     context,
                     num_latent_frames=latent_frames,
                     latent_height=lh,
                     latent_width=lw,
-                    timesteps=sampling.few_step_timesteps(s.steps, s.shift),
                     seed=s.seed,
                     neg_context=neg,
                     guidance=float(s.guidance),
                     dtype=dtype,
+                    **sampler,
                 )
             else:
                 t0 = time.perf_counter()

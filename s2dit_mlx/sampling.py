@@ -26,6 +26,9 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 SOLVERS = ("euler", "unipc")
+# The sampler of distilled few-step students: predict x0, re-noise it with fresh noise to the
+# next level (streaming mode only; streaming.stream_latent_chunks).
+FEW_STEP = "few-step"
 # Noise-level grids of the UniPC solver: Wan's FlowUniPC, or diffusers' UniPCMultistepScheduler.
 UNIPC_SCHEDULES = ("wan", "diffusers")
 

@@ -1,4 +1,4 @@
-"""Streaming state for S2DiT and the chunk-by-chunk few-step generator (DESIGN.md section 3).
+"""Streaming state for S2DiT and the chunk-by-chunk generator (DESIGN.md section 3).
 
 Each block keeps a bounded state between chunks:
 - `full` and `ssa`: a rolling window of key/value chunks plus `sink` first chunks;
@@ -7,10 +7,13 @@ Each block keeps a bounded state between chunks:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+
+from .errors import S2DiTError
+from .sampling import FlowEulerSolver, FlowUniPCSolver
 
 
 def visible_chunks(chunk: int, window: int | None, sink: int) -> list[int]:
@@ -92,18 +95,26 @@ def stream_latent_chunks(
     num_latent_frames: int,
     latent_height: int,
     latent_width: int,
-    timesteps: list[float],
     seed: int,
+    timesteps: list[float] | None = None,
+    solver: Callable[[], FlowEulerSolver | FlowUniPCSolver] | None = None,
     neg_context: mx.array | None = None,
     guidance: float = 1.0,
     dtype: mx.Dtype = mx.float32,
 ) -> Iterator[mx.array]:
     """Generate clean latent chunks [B, f, h, w, C] one at a time with a bounded cache.
 
-    Each chunk starts from noise; at every t of the few-step list the model predicts x0,
-    which is re-noised to the next t; the last x0 is the chunk. A final pass at t=0 over
-    the clean chunk writes it into the state, so later chunks see it.
+    Each chunk starts from noise and is denoised given the clean chunks already in the cache,
+    in one of two ways:
+    - `timesteps` (the few-step sampler of distilled students): at every t the model predicts
+      x0, which is re-noised with fresh noise to the next t; the last x0 is the chunk;
+    - `solver`, a factory of fresh sampling solvers (sampling.make_solver): that ODE solver
+      integrates the chunk over its own schedule (the sampler of undistilled models, whose x0
+      prediction is a posterior mean that re-noising would blur).
+    A final pass at t=0 over the clean chunk writes it into the state, so later chunks see it.
     """
+    if (timesteps is None) == (solver is None):
+        raise S2DiTError("give either the few-step timesteps or an ODE solver factory")
     args = model.args
     use_cfg = guidance != 1.0 and neg_context is not None
     # Guidance runs the two prompts as one doubled batch with one cache (half the dispatches of
@@ -119,6 +130,17 @@ def stream_latent_chunks(
 
     cache = model.make_cache()
     neg_cache = model.make_cache() if use_cfg and not batched_cfg else None
+
+    def velocity(x: mx.array, t: float) -> mx.array:
+        """The (guided) velocity of the current chunk at noise level t, caches read only."""
+        t_vec = mx.full((copies * batch,), t, dtype=mx.float32)
+        v = model(stacked(x), t_vec, context, cache=cache)
+        if batched_cfg:
+            v, v_neg = v[:batch], v[batch:]
+        elif use_cfg:
+            v_neg = model(x, t_vec, neg_context, cache=neg_cache)
+        return v_neg + guidance * (v - v_neg) if use_cfg else v
+
     key = mx.random.key(seed)
     done = 0
     while done < num_latent_frames:
@@ -126,24 +148,24 @@ def stream_latent_chunks(
         shape = (batch, frames, latent_height, latent_width, args.in_dim)
         key, sub = mx.random.split(key)
         x = mx.random.normal(shape, key=sub).astype(dtype)
-        x0 = x
-        for i, t in enumerate(timesteps):
-            t_vec = mx.full((copies * batch,), t, dtype=mx.float32)
-            v = model(stacked(x), t_vec, context, cache=cache)
-            if batched_cfg:
-                v, v_neg = v[:batch], v[batch:]
-            elif use_cfg:
-                v_neg = model(x, t_vec, neg_context, cache=neg_cache)
-            if use_cfg:
-                v = v_neg + guidance * (v - v_neg)
-            sigma = t / 1000.0
-            x0 = (x.astype(mx.float32) - sigma * v.astype(mx.float32)).astype(dtype)
-            if i + 1 < len(timesteps):
-                key, sub = mx.random.split(key)
-                s_next = timesteps[i + 1] / 1000.0
-                noise = mx.random.normal(shape, key=sub).astype(dtype)
-                x = ((1.0 - s_next) * x0 + s_next * noise).astype(dtype)
-            mx.eval(x, x0)
+        if solver is not None:
+            ode = solver()
+            for t in ode.timesteps:
+                x = ode.step(velocity(x, float(t)), x).astype(dtype)
+                mx.eval(x)
+            x0 = x
+        else:
+            for i, t in enumerate(timesteps):
+                sigma = t / 1000.0
+                x0 = (x.astype(mx.float32) - sigma * velocity(x, t).astype(mx.float32)).astype(
+                    dtype
+                )
+                if i + 1 < len(timesteps):
+                    key, sub = mx.random.split(key)
+                    s_next = timesteps[i + 1] / 1000.0
+                    noise = mx.random.normal(shape, key=sub).astype(dtype)
+                    x = ((1.0 - s_next) * x0 + s_next * noise).astype(dtype)
+                mx.eval(x, x0)
         zero = mx.zeros((copies * batch,), dtype=mx.float32)
         model(stacked(x0), zero, context, cache=cache, update_cache=True)
         if neg_cache is not None:

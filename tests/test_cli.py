@@ -149,6 +149,19 @@ def test_bidirectional_cfg_half_precision(capsys, tiny_model_dir, tmp_path):
     assert read_video(out).shape == (9, 32, 64, 3)
 
 
+def test_streaming_solver_flag(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "v.mp4"
+    code, _, err = generate(capsys, tiny_model_dir, out, "--solver", "few-step", "--steps", 2, "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "v.json").read_text())["settings"]["solver"] == "few-step"
+    code, _, err = generate(
+        capsys, tiny_model_dir, out, "--solver", "few-step", "--mode", "bidirectional"
+    )
+    assert code != 0 and err.strip().splitlines() == [
+        "error: the few-step solver runs in streaming mode only"
+    ]
+
+
 def test_overwrites_existing_output(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "v.mp4"
     out.write_bytes(b"old")

@@ -46,6 +46,7 @@ from s2dit_mlx.coreml.export import (  # noqa: E402
     MANIFEST,
     VAE_PACKAGE,
     convert,
+    describe_sampler,
     expected_structure,
     export_coreml,
 )
@@ -55,6 +56,8 @@ from s2dit_mlx.models import layers  # noqa: E402
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig  # noqa: E402
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT, depthwise_causal_conv3d, softplus  # noqa: E402
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
+from s2dit_mlx.sampling import FlowEulerSolver  # noqa: E402
+from s2dit_mlx.streaming import stream_latent_chunks  # noqa: E402
 
 TIMESTEPS = [1000.0, 937.5, 833.3, 625.0]
 CHUNKS = 5
@@ -671,6 +674,34 @@ def test_cli_export_writes_packages_and_manifest(tiny_model_dir, tmp_path, capsy
     prompt = manifest["text"]["prompt_files"]["prompt"]
     assert (out / prompt["file"]).stat().st_size == 2 * np.prod(prompt["shape"])
     assert (out / DIT_PACKAGE).is_dir() and (out / VAE_PACKAGE).is_dir()
+    # The tiny folder samples with UniPC (the default solver): the app loop is Euler.
+    euler = FlowEulerSolver(2, 5.0)
+    schedule = manifest["schedule"]
+    assert schedule["sampler"] == "euler" and schedule["timesteps"] == euler.timesteps.tolist()
+    assert schedule["sigmas"] == euler.sigmas.tolist() and "renoise" not in schedule
+    assert manifest["format_version"] == 2
+
+
+def test_manifest_euler_rule_reproduces_mlx_streaming(tiny):
+    """The manifest's Euler update, fed only denoise's x0, gives MLX's streaming Euler chunks."""
+    dit, context = tiny[0], mx.array(tiny[2])
+    euler = FlowEulerSolver(3, 3.0)
+    kwargs = dict(num_latent_frames=4, latent_height=4, latent_width=8, seed=7)
+    want = list(
+        stream_latent_chunks(dit, context, solver=lambda: FlowEulerSolver(3, 3.0), **kwargs)
+    )
+    assert "(x - x0) * 1000 / t" in describe_sampler("euler")["step"]
+    cache, key = dit.make_cache(), mx.random.key(7)
+    for chunk in want:
+        key, sub = mx.random.split(key)
+        x = mx.random.normal(chunk.shape, key=sub)
+        for i, t in enumerate(euler.timesteps.tolist()):
+            x0 = x - t / 1000 * dit(x, mx.array([t]), context, cache=cache)  # what denoise returns
+            x = x + float(euler.sigmas[i + 1] - euler.sigmas[i]) * (x - x0) * 1000 / t
+        np.testing.assert_allclose(np.array(x), np.array(chunk), atol=1e-4)
+        dit(x, mx.zeros((1,)), context, cache=cache, update_cache=True)
+    with pytest.raises(S2DiTError, match="few-step or Euler sampler, not 'unipc'"):
+        describe_sampler("unipc")
 
 
 # ------------------------------------------------------------------------------------------------

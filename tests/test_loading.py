@@ -490,6 +490,19 @@ def test_pipeline_generate_and_stream(pipe):
     assert not np.array_equal(pipe.generate("a cat", seed=2), video)
 
 
+def test_pipeline_streaming_solvers(pipe):
+    """Streaming runs the ODE solvers per chunk or the few-step sampler; each gives its own video."""
+    videos = {
+        solver: pipe.generate("a cat", solver=solver, steps=3, guidance=2.0, seed=3)
+        for solver in ("euler", "unipc", "few-step")
+    }
+    assert {v.shape for v in videos.values()} == {(9, 32, 64, 3)}
+    assert not np.array_equal(videos["euler"], videos["few-step"])
+    assert not np.array_equal(videos["unipc"], videos["few-step"])
+    again = pipe.generate("a cat", solver="few-step", steps=3, guidance=2.0, seed=3)
+    np.testing.assert_array_equal(again, videos["few-step"])
+
+
 def test_pipeline_bidirectional_with_guidance(pipe):
     for solver in ("euler", "unipc"):
         video = pipe.generate(
@@ -529,7 +542,8 @@ def test_pipeline_half_precision(tiny_model_dir, dtype):
         (dict(seed=-1), "seed must be an integer"),
         (dict(shift=0.0), "shift must be a positive number"),
         (dict(mode="sideways"), "mode must be one of"),
-        (dict(solver="rk4"), "solver must be one of"),
+        (dict(solver="rk4"), "solver must be one of euler, unipc, few-step"),
+        (dict(solver="few-step", mode="bidirectional"), "few-step solver runs in streaming mode"),
     ],
 )
 def test_pipeline_validation(pipe, settings, match):

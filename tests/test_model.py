@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from s2dit_mlx import sampling
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.streaming import stream_latent_chunks
@@ -230,6 +231,74 @@ def test_generator_state_equals_one_block_causal_pass():
     full = model(video, zeros, ctx, chunk_frames=2)
     streamed = stream_pass(model, video, zeros, ctx, 2)
     assert float(mx.abs(streamed - full).max()) <= STREAM_TOL
+
+
+def test_solver_stream_equals_block_causal_denoising():
+    """Streaming with an ODE solver per chunk equals denoising each chunk by block-causal passes.
+
+    The reference never touches a cache: chunk c is integrated by Euler steps written out here,
+    each step one no-cache block-causal pass over [the clean chunks so far (t = 0), chunk c (t)],
+    with guidance as two separate passes.
+    """
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    rng = np.random.default_rng(6)
+    ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
+    steps, shift, guidance, frames = 4, 2.0, 3.0, 7
+    got = [
+        np.array(c)
+        for c in stream_latent_chunks(
+            model,
+            ctx,
+            num_latent_frames=frames,
+            latent_height=4,
+            latent_width=4,
+            seed=9,
+            solver=lambda: sampling.make_solver("euler", steps, shift),
+            neg_context=neg,
+            guidance=guidance,
+        )
+    ]
+    sigmas = sampling.shift_sigmas(np.linspace(1.0, 0.0, steps + 1), shift)
+    key, clean, want = mx.random.key(9), None, []
+    for start in range(0, frames, 2):
+        n = min(2, frames - start)
+        key, sub = mx.random.split(key)
+        x = mx.random.normal((1, n, 4, 4, 4), key=sub)
+        for s0, s1 in zip(sigmas[:-1], sigmas[1:], strict=True):
+            t = np.trunc(1000.0 * s0)  # Wan's integer model timesteps
+            video = x if clean is None else mx.concatenate([clean, x], axis=1)
+            t_frames = mx.array([[0.0] * start + [t] * n])
+            v_pos, v_neg = (
+                model(video, t_frames, c, chunk_frames=2)[:, start:] for c in (ctx, neg)
+            )
+            x = x + float(np.float32(s1) - np.float32(s0)) * (v_neg + guidance * (v_pos - v_neg))
+        want.append(np.array(x))
+        clean = x if clean is None else mx.concatenate([clean, x], axis=1)
+    assert [c.shape[1] for c in got] == [2, 2, 2, 1]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
+    few_step = stream_latent_chunks(
+        model,
+        ctx,
+        num_latent_frames=frames,
+        latent_height=4,
+        latent_width=4,
+        seed=9,
+        timesteps=[1000.0, 750.0, 500.0, 250.0],
+    )
+    assert np.abs(np.array(next(few_step)) - got[0]).max() > 1e-2  # a different sampler
+
+
+def test_stream_takes_one_sampler():
+    model = tiny_model(["lcha"], chunk=2)
+    ctx = mx.zeros((1, 3, 8))
+    kwargs = dict(num_latent_frames=2, latent_height=4, latent_width=4, seed=0)
+    for samplers in (
+        {},
+        dict(timesteps=[1000.0], solver=lambda: sampling.make_solver("euler", 1, 1.0)),
+    ):
+        with pytest.raises(S2DiTError, match="either the few-step timesteps or an ODE solver"):
+            next(stream_latent_chunks(model, ctx, **kwargs, **samplers))
 
 
 def test_config_errors_are_one_line():

@@ -6,7 +6,9 @@
 //   S2DiT.mlpackage (functions `denoise` and `write`), VAEDecoder.mlpackage, manifest.json,
 //   prompt.f16 (text encoder output, fp16, zero-padded to text_len).
 // The loop (manifest "loop"):
-//   for chunk c: x = noise; for each t: x0 = denoise(x, t, context, c).x0, re-noise to the next t
+//   for chunk c: x = noise; for each t: x0 = denoise(x, t, context, c).x0, then either re-noise
+//   x0 to the next t (schedule.sampler "few-step") or take an Euler step with v = (x - x0) / s
+//   over schedule.sigmas ("euler"; the last step gives the chunk)
 //   write(x0, t = 0, context, c)  -> updates the KV windows / LCHA means / conv frames in place
 //   decode each latent frame of x0 with the VAE decoder (its causal history is a state too)
 
@@ -21,7 +23,11 @@ struct Manifest: Decodable {
         let channels: Int; let height: Int; let width: Int
         let frames_per_chunk: Int
     }
-    struct Schedule: Decodable { let timesteps: [Float] }
+    struct Schedule: Decodable {
+        let timesteps: [Float]
+        let sampler: String?  // "few-step" (also when absent) or "euler"
+        let sigmas: [Float]?  // euler: the noise levels, one more than timesteps (last 0)
+    }
     struct Text: Decodable {
         struct PromptFile: Decodable { let file: String; let shape: [Int] }
         let text_len: Int; let text_dim: Int
@@ -179,7 +185,12 @@ final class S2DiTStreamer {
                 ])
                 let out = try await denoise.prediction(from: features, using: ditState)
                 x0 = floats(out.featureValue(for: "x0")!.multiArrayValue!)
-                if i + 1 < timesteps.count {
+                if let sigmas = manifest.schedule.sigmas, manifest.schedule.sampler == "euler" {
+                    // Euler on the flow: v = (x - x0) / (t / 1000), x += (s_next - s) * v.
+                    let step = (sigmas[i + 1] - sigmas[i]) * 1000 / t
+                    for j in 0..<count { x[j] += step * (x[j] - x0[j]) }
+                    if i + 1 == timesteps.count { x0 = x }
+                } else if i + 1 < timesteps.count {
                     let s = timesteps[i + 1] / 1000
                     noise.fill(&buffer)
                     for j in 0..<count { x[j] = (1 - s) * x0[j] + s * buffer[j] }

@@ -71,7 +71,9 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         default="float16",
         help="compute precision of the graph (states are always float16)",
     )
-    p.add_argument("--steps", type=int, metavar="N", help="few-step schedule length")
+    p.add_argument(
+        "--steps", type=int, metavar="N", help="sampling steps per chunk (default: the model's)"
+    )
     p.add_argument("--prompt", metavar="TEXT", help="also save this prompt's text embeddings")
     p.add_argument(
         "--negative-prompt",
@@ -104,7 +106,7 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..loading import load_model
-    from ..sampling import few_step_timesteps
+    from ..sampling import FEW_STEP, FlowEulerSolver, few_step_timesteps
     from .export import check_export, export_coreml
 
     if not args.model:
@@ -132,6 +134,15 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
     if steps < 1:
         raise S2DiTError(f"steps must be a positive integer, got {steps}")
     shift = defaults["shift"]
+    # The app runs the model's few-step sampler, or Euler for a model that samples with an ODE
+    # solver (UniPC's multistep corrector is not worth an app's code at these step counts).
+    schedule = {"steps": steps, "shift": shift, "sampler": FEW_STEP}
+    if defaults["solver"] == FEW_STEP:
+        timesteps = few_step_timesteps(steps, shift)
+    else:
+        euler = FlowEulerSolver(steps, shift)
+        timesteps = [float(t) for t in euler.timesteps]
+        schedule.update(sampler="euler", sigmas=[float(s) for s in euler.sigmas])
     prompts = {}
     if args.prompt is not None:
         prompts["prompt"] = bundle.text_encoder.encode([args.prompt])
@@ -148,8 +159,8 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
         sink=args.sink,
         compress_mode=args.compress,
         precision=args.precision,
-        timesteps=few_step_timesteps(steps, shift),
-        schedule={"steps": steps, "shift": shift},
+        timesteps=timesteps,
+        schedule=schedule,
         fps=float(defaults["fps"]),
         guidance=float(defaults["guidance"]),
         prompts={k: np.array(v) for k, v in prompts.items()},

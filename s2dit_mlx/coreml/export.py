@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import S2DiTError
 from ..fsutil import atomic_dir
+from ..sampling import FEW_STEP
 from . import emit
 from ._ct import quiet_progress
 from .emit import ATTENTION_EMITTERS, StreamShapes, ct, dit_state_specs
@@ -41,7 +43,7 @@ PRECISIONS = {"float16": "fp16", "float32": "fp32"}
 DIT_PACKAGE = "S2DiT.mlpackage"
 VAE_PACKAGE = "VAEDecoder.mlpackage"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: schedule.sampler ("few-step" or "euler", with sigmas)
 
 
 def module_weights(module) -> dict[str, np.ndarray]:
@@ -366,6 +368,22 @@ def self_check(dit, vae, shapes: StreamShapes, folder: Path) -> None:
             raise S2DiTError(f"Core ML export self-check failed for {file}: {problems[0]}")
 
 
+def describe_sampler(name: str) -> dict[str, Any]:
+    """How the app advances x after each denoise call: the schedule's rule and the loop line."""
+    if name == FEW_STEP:
+        return {
+            "rule": {"renoise": "x = (1 - s_next) * x0 + s_next * noise, s_next = t_next / 1000"},
+            "step": "if a next t: x = (1 - s) * x0 + s * noise with s = t_next / 1000",
+        }
+    if name == "euler":
+        return {
+            "rule": {"update": "v = (x - x0) * 1000 / t; x = x + (sigmas[i + 1] - sigmas[i]) * v"},
+            "step": "x = x + (sigmas[i + 1] - sigmas[i]) * (x - x0) * 1000 / t; after the last "
+            "t, x0 = x",
+        }
+    raise S2DiTError(f"the Core ML loop runs the few-step or Euler sampler, not {name!r}")
+
+
 def build_manifest(
     height: int,
     width: int,
@@ -390,6 +408,7 @@ def build_manifest(
         for s in (vae_state_specs(vae, shapes.latent_height, shapes.latent_width) if vae else [])
     ]
     softmax = any(k in ("full", "ssa") for k in args.layers)
+    sampler = describe_sampler(schedule.get("sampler", FEW_STEP))
     return {
         "format": "s2dit-coreml",
         "format_version": FORMAT_VERSION,
@@ -418,7 +437,7 @@ def build_manifest(
             **schedule,
             "guidance": guidance,
             "sigma": "t / 1000",
-            "renoise": "x = (1 - s_next) * x0 + s_next * noise, s_next = t_next / 1000",
+            **sampler["rule"],
         },
         "streaming": {
             "window": shapes.window if softmax else None,
@@ -457,8 +476,8 @@ def build_manifest(
         "loop": [
             "state = dit.makeState(); zero it; vaeState = vae.makeState(); zero it",
             "for chunk c = 0, 1, ...: x = noise",
-            "  for each t in schedule.timesteps: x0 = dit.denoise(latents=x, t, context, chunk=c)"
-            ".x0; if a next t: x = (1 - s) * x0 + s * noise with s = t_next / 1000",
+            "  for each t = schedule.timesteps[i]: x0 = dit.denoise(latents=x, t, context, "
+            "chunk=c).x0; " + sampler["step"],
             "  dit.write(latents=x0, t=0, context, chunk=c)  # updates the states",
             "  for each latent frame i of x0: frames = vae(latents=x0[:, i:i+1]).frames"
             + (

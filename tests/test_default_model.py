@@ -36,7 +36,8 @@ def test_default_model_is_a_streaming_sandwich():
 
 def test_generate_without_model_uses_the_default(tmp_path, capsys):
     out = tmp_path / "circle.mp4"
-    code = cli.main(["generate", "a red circle moving left", "-o", str(out), "--seed", "3"])
+    prompt = "a red circle moving left on a black background"  # the README's quick start
+    code = cli.main(["generate", prompt, "-o", str(out), "--seed", "3"])
     assert code == 0, capsys.readouterr().err
     video = read_video(out)
     meta = json.loads((tmp_path / "circle.json").read_text())
@@ -70,6 +71,9 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert read_video(out).shape == (9, 64, 64, 3)
 
     # --init continues the finished folder: no VAE stage, same VAE, the DiT starts from it.
+    config = json.loads((run / "model" / "config.json").read_text())
+    config["defaults"]["guidance"] = 7.5  # a folder with other sampling defaults
+    (run / "model" / "config.json").write_text(json.dumps(config))
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2"]
@@ -77,6 +81,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert not (more / "vae_run").exists() and not (run / "palette").exists()
     assert (more / "palette" / "loss.json").exists()
     start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
+    assert start.defaults["guidance"] == 7.5 and after.defaults == default_model.DEFAULTS
     after_vae = dict(tree_flatten(after.vae.parameters()))
     for name, value in tree_flatten(before.vae.parameters()):
         assert np.array_equal(np.array(after_vae[name]), np.array(value))
@@ -133,3 +138,49 @@ def test_word_tokenizer_reads_every_caption_whole():
     # Why the flag exists: the trainer's sub-word pieces (--tokenizer unigram) cut captions.
     unigram = train_tokenizer(captions, vocab_size=64).replace(text_len=16)
     assert trimmed_captions(unigram) > len(captions) // 2
+
+
+def test_background_dropout_cuts_the_clause_by_index(tmp_path, monkeypatch):
+    """Captions lose " on a X background" at the set rate, the same ones on every call."""
+    from s2dit_mlx.tokenizer import Tokenizer, word_tokenizer
+    from train import default_model
+
+    captions = [c for c in default_model.all_captions() if " on a " in c][:50]
+    word_tokenizer(default_model.all_captions(), path=tmp_path / "tokenizer.json")
+    np.savez(
+        tmp_path / "latents.npz",
+        latents=np.zeros((len(captions), 1, 1, 1, 1), np.float16),
+        captions=np.array(captions),
+    )
+    monkeypatch.setenv(default_model.LATENTS_ENV, str(tmp_path / "latents.npz"))
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json", text_len=16)
+    full = tokenizer.tokenize(captions)
+    cut = tokenizer.tokenize([default_model.without_background(c) for c in captions])
+    assert all(len(c) == len(f) - 4 for c, f in zip(cut, full, strict=True))  # on a X background
+
+    def rows(rate: float, indices: range) -> list[list[int]]:
+        monkeypatch.setenv(default_model.BACKGROUND_DROPOUT_ENV, str(rate))
+        batch = default_model.latents_source(seed=4, caption_dropout=0.0)(list(indices))
+        ids, mask = np.array(batch["ids"]), np.array(batch["mask"])
+        return [
+            r[: int(m.sum())].tolist() for r, m in zip(np.array(ids), np.array(mask), strict=True)
+        ]
+
+    indices = range(400)
+    kept = rows(0.0, indices)
+    assert kept == [full[i % 50] for i in indices]
+    mixed = rows(0.25, indices)
+    dropped = [m == cut[i % 50] for i, m in zip(indices, mixed, strict=True)]
+    assert all(m in (full[i % 50], cut[i % 50]) for i, m in zip(indices, mixed, strict=True))
+    assert 0.18 < np.mean(dropped) < 0.32
+    assert rows(0.25, indices) == mixed  # by index: the same draws every time
+    assert all(r == cut[i % 50] for i, r in zip(indices, rows(1.0, indices), strict=True))
+
+
+def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
+    from train import default_model
+
+    argv = ["--out", str(tmp_path / "run"), "--background-dropout", "1.5"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --background-dropout takes a probability in [0, 1]"

@@ -3,8 +3,9 @@
 The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
 hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
-1. a Unigram tokenizer (`tokenizers`) on every caption the world can produce (--tokenizer
-   unigram, as the shipped model) or with one piece per word of them (--tokenizer words);
+1. a Unigram tokenizer (`tokenizers`) with one piece per word of every caption the world can
+   produce (--tokenizer words, as the shipped model), or trained on them by tokenizers'
+   UnigramTrainer (--tokenizer unigram, the earlier model's; it cuts captions);
 2. a small VAE (train.vae; the causal patch VAE with MLP blocks by default, or --vae-arch wan
    for the Wan architecture at a small width), unless --vae names a trained one;
 3. the latents of N training clips, encoded once and cached;
@@ -13,6 +14,19 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 5. the model folder, weights in float16, copied to s2dit_mlx/assets/default (--install).
 
     python -m train.default_model --out runs/default --install
+
+The shipped model is one run and three continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage); about 2 h 45 min on 2 CPU cores. The first three runs predate
+--background-dropout:
+
+    python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
+        --background-dropout 0
+    python -m train.default_model --out runs/w2 --init runs/w1/model --seed 1 --steps 2500 \
+        --lr 5e-4 --background-dropout 0
+    python -m train.default_model --out runs/w3 --init runs/w2/model --seed 2 --steps 2200 \
+        --lr 5e-4 --ema 0.999 --background-dropout 0
+    python -m train.default_model --out runs/w4 --init runs/w3/model --seed 3 --steps 600 \
+        --lr 2e-4 --ema 0.99 --install
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from . import rng
 from .palette import PALETTE_BITS
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
+BACKGROUND_DROPOUT_ENV = "S2DIT_DEFAULT_BACKGROUND_DROPOUT"
 VAE_TYPES = {"wan": (WanVAEConfig, WanVAE), "patch": (PatchVAEConfig, PatchVAE)}
 SIZE, FPS, CLIP_FRAMES = 64, 16, 33  # 64x64, 2-second training clips (9 latent frames)
 
@@ -53,14 +68,18 @@ DEFAULTS = {
     "width": SIZE,
     "frames": CLIP_FRAMES,
     "fps": FPS,
-    # Not distilled yet: more steps, no shift and strong CFG (8: colour 95% vs 62.5% at 3 over
-    # 40 prompts, benchmarks/quality.py) keep the object and its colour through later chunks.
+    # Not distilled: each chunk is integrated by Euler, an ODE solver (benchmarks/quality.py on
+    # the shipped model: the few-step re-noising sampler of distilled students gives 31% all
+    # three right and 33% 10 s coherence, Euler 37.5% and 54%). Euler, not UniPC (the same
+    # within one clip in 40 prompts), so the Core ML app loop computes the same thing. CFG 3
+    # and shift 3 beat CFG 8 and shift 1 on motion (an earlier checkpoint, 40 prompts: 82.5%
+    # against 47.5%).
     "steps": 16,
-    "shift": 1.0,
-    "guidance": 8.0,
+    "shift": 3.0,
+    "guidance": 3.0,
     "negative_prompt": "",
     "mode": "streaming",
-    "solver": "unipc",
+    "solver": "euler",
 }
 
 
@@ -124,24 +143,35 @@ def encode_latents(vae, count: int, seed: int, path: Path, batch: int = 8) -> Pa
     return path
 
 
+def without_background(text: str) -> str:
+    """A caption with its background clause cut: "a red circle moving left" (as users write)."""
+    return text.split(" on a ", 1)[0]
+
+
 def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     """train.dit data source over the cached latents (path in $S2DIT_DEFAULT_LATENTS).
 
     Returns {"latents", "ids", "mask"}: the text encoder trains jointly, so captions are only
-    tokenized here. A caption is dropped (-> "") with probability caption_dropout, by index.
+    tokenized here. A caption is dropped (-> "") with probability caption_dropout, and loses its
+    background clause with probability $S2DIT_DEFAULT_BACKGROUND_DROPOUT (default 0), by index.
     """
     path = Path(os.environ[LATENTS_ENV])
+    background_dropout = float(os.environ.get(BACKGROUND_DROPOUT_ENV, "0"))
     cached = np.load(path)
     latents, captions = cached["latents"], [str(c) for c in cached["captions"]]
     tokenizer = Tokenizer.from_file(path.parent / "tokenizer.json", text_len=16)
     n = len(captions)
 
+    def text(i: int) -> str:
+        if rng.uniform01(seed, "caption", i) < caption_dropout:
+            return ""
+        if rng.uniform01(seed, "background", i) < background_dropout:
+            return without_background(captions[i % n])
+        return captions[i % n]
+
     def source(indices) -> dict:
         picks = [i % n for i in indices]
-        caps = [
-            "" if rng.uniform01(seed, "caption", i) < caption_dropout else captions[i % n]
-            for i in indices
-        ]
+        caps = [text(i) for i in indices]
         ids, mask = tokenizer(caps)
         return {
             "latents": mx.array(latents[picks].astype(np.float32)),
@@ -152,7 +182,7 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     return source
 
 
-def build_init(out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "unigram") -> Path:
+def build_init(out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words") -> Path:
     """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT."""
     init = out / "init"
     if (init / "config.json").exists():
@@ -182,9 +212,15 @@ def save_as(bundle, target: Path, dtype: mx.Dtype) -> Path:
     return save_model(target, bundle.dit, bundle.vae, bundle.text_encoder, bundle.defaults)
 
 
-def to_float16(model_dir: Path, target: Path) -> Path:
-    """Copy a model folder with every floating weight stored as float16 (half the size)."""
-    return save_as(load_model(model_dir), target, mx.float16)
+def to_float16(model_dir: Path, target: Path, defaults: dict | None = None) -> Path:
+    """Copy a model folder with every floating weight stored as float16 (half the size).
+
+    `defaults` replaces the folder's sampling defaults (the recipe's own, for its result).
+    """
+    bundle = load_model(model_dir)
+    if defaults is not None:
+        bundle.defaults = dict(defaults)
+    return save_as(bundle, target, mx.float16)
 
 
 def continue_from(model_dir: Path, out: Path) -> Path:
@@ -226,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tokenizer",
-        choices=["unigram", "words"],
-        default="unigram",
-        help="unigram: tokenizers' UnigramTrainer (the shipped model; it splits words into "
-        "pieces, so captions past 16 ids are cut); words: one piece per word, every caption "
-        "read whole (ignored with --init, which keeps the model's tokenizer)",
+        choices=["words", "unigram"],
+        default="words",
+        help="words: one piece per word, every caption read whole (the shipped model); "
+        "unigram: tokenizers' UnigramTrainer, whose sub-word pieces make captions longer than "
+        "the 16 ids the encoder reads (the earlier model); ignored with --init, which keeps "
+        "the model's tokenizer",
     )
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE steps when --vae is not given")
     p.add_argument(
@@ -253,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--palette-bits", type=int, default=6, help="palette size 2^N of that stage")
     p.add_argument("--palette-lr", type=float, default=1e-4, help="peak lr of that stage")
+    p.add_argument(
+        "--background-dropout",
+        type=float,
+        default=0.2,
+        help="probability that a training caption loses its background clause, so prompts "
+        'without one ("a red circle moving left") are in distribution (default 0.2)',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -313,6 +357,8 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
     if args.palette_steps and args.palette_bits not in PALETTE_BITS:
         raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
+    if not 0 <= args.background_dropout <= 1:
+        raise S2DiTError("--background-dropout takes a probability in [0, 1]")
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
     out = Path(args.out)
@@ -333,6 +379,7 @@ def run(args: argparse.Namespace) -> Path:
         )
     latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
     os.environ[LATENTS_ENV] = str(latents)
+    os.environ[BACKGROUND_DROPOUT_ENV] = str(args.background_dropout)
     settings = [
         "--steps", str(args.steps), "--lr", str(args.lr), "--warmup", "100",
         "--checkpoint-every", "250", "--seed", str(args.seed), "--ema", str(args.ema),
@@ -340,7 +387,8 @@ def run(args: argparse.Namespace) -> Path:
     trained = dit_stage(args, init, out / "dit", settings)
     if args.palette_steps:
         trained = palette_stage(args, out, trained)
-    final = to_float16(trained, out / "model")
+    # The recipe's sampling defaults, also when --init started from a folder with others.
+    final = to_float16(trained, out / "model", DEFAULTS)
     print(f"model folder {final}: {folder_mb(final):.1f} MB")
     if args.install:
         to_float16(final, DEFAULT_MODEL_DIR)

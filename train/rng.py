@@ -19,6 +19,7 @@ STREAMS = {
     "noise": 0x6E6F697365,
     "dropout": 0x64726F70,
     "caption": 0x63617074,
+    "background": 0x626B6772,
     "init": 0x696E6974,
     "crop-x": 0x63726F7078,
     "crop-y": 0x63726F7079,

@@ -162,9 +162,7 @@ def test_background_dropout_cuts_the_clause_by_index(tmp_path, monkeypatch):
         monkeypatch.setenv(default_model.BACKGROUND_DROPOUT_ENV, str(rate))
         batch = default_model.latents_source(seed=4, caption_dropout=0.0)(list(indices))
         ids, mask = np.array(batch["ids"]), np.array(batch["mask"])
-        return [
-            r[: int(m.sum())].tolist() for r, m in zip(np.array(ids), np.array(mask), strict=True)
-        ]
+        return [r[: int(m.sum())].tolist() for r, m in zip(ids, mask, strict=True)]
 
     indices = range(400)
     kept = rows(0.0, indices)

@@ -1,5 +1,7 @@
 """S2DiT shapes, dtypes, causality and streaming equivalence at tiny random configs."""
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -244,18 +246,12 @@ def test_solver_stream_equals_block_causal_denoising():
     rng = np.random.default_rng(6)
     ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
     steps, shift, guidance, frames = 4, 2.0, 3.0, 7
+    grid = dict(num_latent_frames=frames, latent_height=4, latent_width=4, seed=9)
+    euler = partial(sampling.make_solver, "euler", steps, shift)
     got = [
         np.array(c)
         for c in stream_latent_chunks(
-            model,
-            ctx,
-            num_latent_frames=frames,
-            latent_height=4,
-            latent_width=4,
-            seed=9,
-            solver=lambda: sampling.make_solver("euler", steps, shift),
-            neg_context=neg,
-            guidance=guidance,
+            model, ctx, **grid, solver=euler, neg_context=neg, guidance=guidance
         )
     ]
     sigmas = sampling.shift_sigmas(np.linspace(1.0, 0.0, steps + 1), shift)
@@ -277,15 +273,7 @@ def test_solver_stream_equals_block_causal_denoising():
     assert [c.shape[1] for c in got] == [2, 2, 2, 1]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
-    few_step = stream_latent_chunks(
-        model,
-        ctx,
-        num_latent_frames=frames,
-        latent_height=4,
-        latent_width=4,
-        seed=9,
-        timesteps=[1000.0, 750.0, 500.0, 250.0],
-    )
+    few_step = stream_latent_chunks(model, ctx, **grid, timesteps=[1000.0, 750.0, 500.0, 250.0])
     assert np.abs(np.array(next(few_step)) - got[0]).max() > 1e-2  # a different sampler
 
 

@@ -46,7 +46,15 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from s2dit_mlx.data.shapes import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, ShapesDataset, caption
+from s2dit_mlx.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    ShapesDataset,
+    caption,
+    parse_prompt,
+)
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
@@ -145,7 +153,7 @@ def encode_latents(vae, count: int, seed: int, path: Path, batch: int = 8) -> Pa
 
 def without_background(text: str) -> str:
     """A caption with its background clause cut: "a red circle moving left" (as users write)."""
-    return text.split(" on a ", 1)[0]
+    return caption({**parse_prompt(text), "background": None})
 
 
 def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):

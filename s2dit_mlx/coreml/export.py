@@ -284,6 +284,8 @@ def export_coreml(
         precision,
         spatial_factor,
     )
+    schedule = schedule or {}
+    sampler = describe_sampler(schedule.get("sampler", FEW_STEP))  # before any package is built
     out_dir = Path(out_dir).expanduser()
     _prepare_target(out_dir)
     args = dit.args
@@ -334,7 +336,8 @@ def export_coreml(
             precision,
             compress_mode,
             timesteps or [],
-            schedule or {},
+            schedule,
+            sampler,
             fps,
             guidance,
             prompt_files,
@@ -395,12 +398,16 @@ def build_manifest(
     compress_mode: str,
     timesteps: list[float],
     schedule: dict,
+    sampler: dict[str, Any],
     fps: float,
     guidance: float,
     prompt_files: dict,
     model_name: str,
 ) -> dict:
-    """Everything an app needs to drive the packages, as a JSON-ready dict."""
+    """Everything an app needs to drive the packages, as a JSON-ready dict.
+
+    `sampler` is describe_sampler's answer for schedule["sampler"].
+    """
     args = dit.args
     dit_states = [s.to_dict() for s in dit_state_specs(args, shapes)]
     vae_states = [
@@ -408,7 +415,6 @@ def build_manifest(
         for s in (vae_state_specs(vae, shapes.latent_height, shapes.latent_width) if vae else [])
     ]
     softmax = any(k in ("full", "ssa") for k in args.layers)
-    sampler = describe_sampler(schedule.get("sampler", FEW_STEP))
     return {
         "format": "s2dit-coreml",
         "format_version": FORMAT_VERSION,

@@ -4,9 +4,11 @@ import json
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from s2dit_mlx import cli
+from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
 from s2dit_mlx.video_io import read_video
 from train.palette import palette_targets
@@ -76,8 +78,12 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     (run / "model" / "config.json").write_text(json.dumps(config))
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
-    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2"]
+    argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
     assert default_model.main(argv) == 0
+    # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
+    assert np.load(more / "latents.npz")["latents"].shape[1] == 4
+    with pytest.raises(S2DiTError, match="--clip-frames 33"):
+        default_model.encode_latents(load_model(more / "init").vae, 8, 1, more / "latents.npz")
     assert not (more / "vae_run").exists() and not (run / "palette").exists()
     assert (more / "palette" / "loss.json").exists()
     start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
@@ -182,3 +188,8 @@ def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --background-dropout takes a probability in [0, 1]"
+    argv = ["--out", str(tmp_path / "run"), "--clip-frames", "32"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --clip-frames takes 1 + 4k frames, k >= 1 (got 32)"
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ from s2dit_mlx.data import (
     random_prompt,
 )
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.evaluate import coherence
 
 KEYS = ("shape", "colour", "motion", "background")
 
@@ -110,6 +111,41 @@ def test_motions_follow_their_names():
         elif m == "growing":
             assert r[-1] >= 2 * r[0] and np.ptp(cx) == 0 and np.ptp(cy) == 0
     assert seen == set(MOTIONS)
+
+
+def test_long_clips_go_on_past_the_motion():
+    """motion_frames=33: the first 33 frames are the 2 s clip; then a moving object stops at the
+    edge, a growing one keeps its size, a bouncing one keeps bouncing, and every frame shows
+    one coherent object (the 10 s streams of benchmarks/quality.py are read the same way)."""
+    short = ShapesDataset(64, 64, 33, seed=6)
+    same = ShapesDataset(64, 64, 33, seed=6, motion_frames=33)
+    long = ShapesDataset(64, 64, 161, seed=6, motion_frames=33)
+    seen = set()
+    for i in range(36):
+        v_short, cap, a = short.sample(i)
+        np.testing.assert_array_equal(same.sample(i)[0], v_short)
+        v_long, cap_long, b = long.sample(i)
+        assert cap_long == cap
+        np.testing.assert_array_equal(v_long[:33], v_short)
+        p, m = b["path"], b["motion"]
+        seen.add(m)
+        cx, cy, r = p["cx"], p["cy"], p["radius"]
+        tail = slice(33, None)
+        if m == "growing":
+            assert (r[tail] == r[32]).all() and r[32] > r[0]
+        elif m == "bouncing":
+            assert np.ptp(cy[tail]) > 0.2 * 64  # still bouncing after 2 s
+        else:
+            pos = cx if m in ("left", "right") else cy
+            # Stopped at the edge by the end, having moved only towards it after 2 s.
+            assert pos[-1] == pos[-2] and pos[-1] in (pos.min(), pos.max())
+            step = np.diff(pos[32:])
+            towards = -1 if m in ("left", "up") else 1
+            assert (step * towards >= 0).all() and abs(pos[-1] - pos[0]) >= abs(pos[32] - pos[0])
+        assert coherence(v_long) == 1.0, (i, cap)
+    assert seen == set(MOTIONS)
+    with pytest.raises(S2DiTError, match="motion_frames"):
+        ShapesDataset(64, 64, 33, motion_frames=1)
 
 
 def test_attributes_cover_every_value():

@@ -133,11 +133,25 @@ def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
     )
 
 
-def encode_latents(vae, count: int, seed: int, path: Path, batch: int = 8) -> Path:
-    """Encode `count` clips once (normalised posterior means) and cache them with captions."""
+def encode_latents(
+    vae, count: int, seed: int, path: Path, frames: int = CLIP_FRAMES, batch: int = 8
+) -> Path:
+    """Encode `count` clips once (normalised posterior means) and cache them with captions.
+
+    Every motion spans CLIP_FRAMES (2 s); longer clips go on past it as a long stream does
+    (objects stop at the frame edge, growth stops), so the model learns what follows.
+    """
     if path.exists():
+        cached = np.load(path)["latents"]
+        if cached.shape[1] != vae.num_latent_frames(frames):
+            raise S2DiTError(
+                f"{path} holds clips of {cached.shape[1]} latent frames, not --clip-frames "
+                f"{frames}; use a new --out"
+            )
         return path
-    data = ShapesDataset(height=SIZE, width=SIZE, frames=CLIP_FRAMES, seed=seed)
+    data = ShapesDataset(
+        height=SIZE, width=SIZE, frames=frames, seed=seed, motion_frames=CLIP_FRAMES
+    )
     latents, captions = [], []
     for start in tqdm(range(0, count, batch), desc="encoding clips", unit="batch"):
         idx = list(range(start, min(start + batch, count)))
@@ -285,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae-mlp-blocks", type=int, default=2, help="patch VAE: residual MLP blocks per side"
     )
     p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
+    p.add_argument(
+        "--clip-frames",
+        type=int,
+        default=CLIP_FRAMES,
+        help=f"frames per training clip, 1 + 4k (default {CLIP_FRAMES}, 2 s); a motion spans "
+        f"{CLIP_FRAMES} frames and longer clips show what follows in a long stream (objects "
+        "stop at the frame edge), with more chunks of streaming context",
+    )
     p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -365,6 +387,8 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
     if args.palette_steps and args.palette_bits not in PALETTE_BITS:
         raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
+    if args.clip_frames < 5 or (args.clip_frames - 1) % 4:
+        raise S2DiTError(f"--clip-frames takes 1 + 4k frames, k >= 1 (got {args.clip_frames})")
     if not 0 <= args.background_dropout <= 1:
         raise S2DiTError("--background-dropout takes a probability in [0, 1]")
     if args.init and not (Path(args.init) / "config.json").is_file():
@@ -385,7 +409,9 @@ def run(args: argparse.Namespace) -> Path:
             "(a new run with --tokenizer words keeps every caption whole)",
             file=sys.stderr,
         )
-    latents = encode_latents(bundle.vae, args.clips, args.seed, out / "latents.npz")
+    latents = encode_latents(
+        bundle.vae, args.clips, args.seed, out / "latents.npz", args.clip_frames
+    )
     os.environ[LATENTS_ENV] = str(latents)
     os.environ[BACKGROUND_DROPOUT_ENV] = str(args.background_dropout)
     settings = [

@@ -3,7 +3,9 @@
 Each clip shows one shape of one colour doing one motion on a plain background, with a caption
 such as "a red circle moving left on a black background". Sizes, speeds and start positions are
 random; the object stays fully inside the frame for the whole clip. Motions are defined over
-the clip's normalised time (0 at the first frame, 1 at the last), so any frame count works.
+the clip's normalised time (0 at the first frame, 1 at the last), so any frame count works;
+with `motion_frames` a motion spans that many frames and a longer clip goes on like a long
+stream (a moving object stops at the frame edge, a growing one keeps its final size).
 
     ds = ShapesDataset(height=64, width=64, frames=33, seed=0)
     video, caption, attrs = ds.sample(7)            # uint8 [F, H, W, 3]
@@ -231,16 +233,31 @@ def render(
 
 
 def trajectory(
-    attrs: dict[str, str], rng: np.random.Generator, height: int, width: int, frames: int
+    attrs: dict[str, str],
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    frames: int,
+    motion_frames: int | None = None,
 ) -> dict[str, Any]:
-    """Draw a random size, start and speed for attrs; return per-frame centre and radius."""
+    """Draw a random size, start and speed for attrs; return per-frame centre and radius.
+
+    One motion (its travel, growth or bounces) spans `motion_frames` frames (default: the
+    clip). Past that, as in a long stream, it goes on at the same pace: a moving object stops
+    at the frame edge, a growing one keeps its final size, a bouncing one keeps bouncing.
+    """
     size = min(height, width)
-    u = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+    period = motion_frames or frames
+    # Progress through the motion per frame: 0 .. 1 over `period` frames, beyond 1 after it.
+    if period > 1:
+        u = np.linspace(0.0, (frames - 1) / (period - 1), frames)
+    else:
+        u = np.zeros(frames)
     shape, motion = attrs["shape"], attrs["motion"]
     if motion == "growing":
         r1 = rng.uniform(*_GROW_END) * size
         r0 = r1 / rng.uniform(*_GROW_FACTOR)
-        radius = r0 + (r1 - r0) * u
+        radius = r0 + (r1 - r0) * np.minimum(u, 1.0)
     else:
         r1 = rng.uniform(*_SIZE) * size
         radius = np.full_like(u, r1)
@@ -258,6 +275,8 @@ def trajectory(
         path = start + travel * u
         if motion in ("left", "up"):
             path = (2 * start + travel) - path  # same segment, walked the other way
+        if u[-1] > 1.0:
+            path = np.clip(path, lo, hi)  # past the motion's span: stopped at the edge
         other = rng.uniform(*((y_lo, y_hi) if horizontal else (x_lo, x_hi)))
         cx, cy = (path, np.full_like(u, other)) if horizontal else (np.full_like(u, other), path)
         params["travel"] = float(travel)
@@ -289,14 +308,19 @@ class ShapesDataset:
         frames: int = 33,
         seed: int = 0,
         supersample: int = 2,
+        motion_frames: int | None = None,
     ):
         if height < 16 or width < 16 or frames < 1:
             raise S2DiTError(
                 f"shapes clips need height, width >= 16 and frames >= 1 "
                 f"(got {height}x{width}, {frames} frames)"
             )
+        if motion_frames is not None and motion_frames < 2:
+            raise S2DiTError(f"motion_frames must be at least 2 (got {motion_frames})")
         self.height, self.width, self.frames = int(height), int(width), int(frames)
         self.seed, self.supersample = int(seed), int(supersample)
+        # None: one motion spans the clip; N: it spans N frames and goes on past them.
+        self.motion_frames = motion_frames
 
     def attributes(self, index: int) -> dict[str, Any]:
         """The attributes and motion path of clip `index` (without drawing it)."""
@@ -305,7 +329,7 @@ class ShapesDataset:
         # Seeding with (seed, index) makes each clip independent of how many came before.
         rng = np.random.default_rng([self.seed, int(index)])
         attrs: dict[str, Any] = random_attributes(rng)
-        path = trajectory(attrs, rng, self.height, self.width, self.frames)
+        path = trajectory(attrs, rng, self.height, self.width, self.frames, self.motion_frames)
         attrs.update(path["params"])
         attrs["path"] = {k: path[k] for k in ("cx", "cy", "radius")}
         return attrs

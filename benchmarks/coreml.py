@@ -2,10 +2,11 @@
 analytic per-chunk FLOPs and state bytes of the exported graph at 512x288 (the paper's demo size)
 for a Wan-1.3B-width sandwich beside the same model with full attention everywhere.
 
-Writes benchmarks/results/coreml.json. The measured part uses a small random-weight S2DiT (no
-trained model exists yet: the 35 dB gate for compressed packages applies to a trained one); each
-saved package is loaded back from disk and run by the numpy interpreter over several streamed
-chunks against MLX.
+Writes benchmarks/results/coreml.json. The measured part exports the built-in model (its DiT
+and VAE, with a real prompt through its text encoder; --model for another folder, --random for
+a small random-weight S2DiT instead); each saved package is loaded back from disk and run by the
+numpy interpreter over several streamed chunks against MLX. The chunks are driven by the
+few-step loop: this checks the network, the sampler is arithmetic outside the package.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mlx.utils import tree_flatten
 from s2dit_mlx.coreml import cost, verify
 from s2dit_mlx.coreml.export import DIT_PACKAGE, VAE_PACKAGE, export_coreml, package_size
 from s2dit_mlx.coreml.interpret import Package
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.sampling import few_step_timesteps
@@ -53,8 +55,11 @@ def randomise(module, seed: int) -> None:
     mx.eval(module.parameters())
 
 
-def measured(chunks: int, work: Path) -> dict:
-    """Export a small model in every mode; time, size and PSNR against MLX."""
+PROMPT = "a red circle moving left on a black background"
+
+
+def random_model() -> tuple[S2DiT, PatchVAE, np.ndarray, tuple[int, int], str]:
+    """A small random-weight sandwich with a full-attention layer, its VAE and a random text."""
     args = ModelArgs(
         in_dim=16,
         out_dim=16,
@@ -74,11 +79,30 @@ def measured(chunks: int, work: Path) -> dict:
     vae = PatchVAE(PatchVAEConfig(z_dim=16, hidden_dim=64))
     randomise(dit, 1)
     randomise(vae, 2)
-    height, width = 64, 128
-    timesteps = few_step_timesteps(4, 5.0)
     rng = np.random.default_rng(0)
     context = verify.pad_context(rng.standard_normal((1, 20, 64)).astype(np.float32), 32)
-    noise = verify.make_noise(chunks, len(timesteps), (1, 2, 8, 16, 16), seed=1)
+    return dit, vae, context, (64, 128), "random weights"
+
+
+def trained_model(folder: str) -> tuple[S2DiT, PatchVAE, np.ndarray, tuple[int, int], str]:
+    """A model folder's DiT (float32) and VAE, and PROMPT through its text encoder."""
+    bundle = load_model(folder)
+    dit = bundle.dit
+    dit.set_dtype(mx.float32)
+    context = np.array(bundle.text_encoder.encode([PROMPT]).astype(mx.float32))
+    context = verify.pad_context(context, dit.args.text_len)
+    size = (bundle.defaults["height"], bundle.defaults["width"])
+    name = "built-in model" if Path(folder).resolve() == DEFAULT_MODEL_DIR.resolve() else folder
+    return dit, bundle.vae, context, size, f'{name}, "{PROMPT}"'
+
+
+def measured(chunks: int, work: Path, model: str | None) -> dict:
+    """Export a model in every mode; time, size and PSNR against MLX."""
+    dit, vae, context, (height, width), weights = trained_model(model) if model else random_model()
+    args = dit.args
+    timesteps = few_step_timesteps(4, 5.0)
+    latent = (1, args.frames_per_chunk, height // vae.spatial_factor, width // vae.spatial_factor)
+    noise = verify.make_noise(chunks, len(timesteps), (*latent, args.in_dim), seed=1)
     ref = list(verify.mlx_stream(dit, context, noise, timesteps))
     ref_frames = list(verify.mlx_vae_stream(vae, ref))
     rows = []
@@ -125,7 +149,7 @@ def measured(chunks: int, work: Path) -> dict:
         "model": args.to_dict(),
         "pixels": [height, width],
         "chunks": chunks,
-        "weights": "random (no trained model yet)",
+        "weights": weights,
         "fp32_weights_bytes": 4 * sum(p.size for _, p in tree_flatten(dit.parameters())),
         "modes": rows,
     }
@@ -158,6 +182,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--sink", type=int, default=1)
+    parser.add_argument(
+        "--model", default=str(DEFAULT_MODEL_DIR), help="model folder (default: the built-in)"
+    )
+    parser.add_argument(
+        "--random", action="store_true", help="a small random-weight model instead of --model"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "coreml.json"))
     opts = parser.parse_args()
     import coremltools as ct
@@ -168,7 +198,7 @@ def main() -> None:
             "coremltools": ct.__version__,
             "mlx": mx.__version__,
             "psnr_peak": "max |MLX output|",
-            "measured": measured(opts.chunks, Path(tmp)),
+            "measured": measured(opts.chunks, Path(tmp), None if opts.random else opts.model),
             "analytic_512x288": analytic(opts.window, opts.sink, steps=4),
         }
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

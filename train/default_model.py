@@ -15,9 +15,9 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
     python -m train.default_model --out runs/default --install
 
-The shipped model is one run and three continuations (--init) of it, on the shipped VAE
-(this recipe's VAE stage); about 2 h 45 min on 2 CPU cores. The first three runs predate
---background-dropout:
+The shipped model is one run and four continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage); about 3 h 45 min on 2 CPU cores. The first three runs predate
+--background-dropout; the last trains on 5 s clips, whose motions stop after 2 s:
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -26,7 +26,9 @@ The shipped model is one run and three continuations (--init) of it, on the ship
     python -m train.default_model --out runs/w3 --init runs/w2/model --seed 2 --steps 2200 \
         --lr 5e-4 --ema 0.999 --background-dropout 0
     python -m train.default_model --out runs/w4 --init runs/w3/model --seed 3 --steps 600 \
-        --lr 2e-4 --ema 0.99 --install
+        --lr 2e-4 --ema 0.99
+    python -m train.default_model --out runs/w5 --init runs/w4/model --seed 4 --clip-frames 81 \
+        --batch-size 8 --steps 2600 --lr 3e-4 --ema 0.999 --install
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ DEFAULTS = {
     "frames": CLIP_FRAMES,
     "fps": FPS,
     # Not distilled: each chunk is integrated by Euler, an ODE solver (benchmarks/quality.py on
-    # the shipped model: the few-step re-noising sampler of distilled students gives 31% all
+    # the w4 model: the few-step re-noising sampler of distilled students gives 31% all
     # three right and 33% 10 s coherence, Euler 37.5% and 54%). Euler, not UniPC (the same
     # within one clip in 40 prompts), so the Core ML app loop computes the same thing. CFG 3
     # and shift 3 beat CFG 8 and shift 1 on motion (an earlier checkpoint, 40 prompts: 82.5%

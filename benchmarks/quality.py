@@ -25,6 +25,7 @@ from s2dit_mlx.data.shapes import random_prompt
 from s2dit_mlx.evaluate import coherence, evaluate, summarise
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
+from s2dit_mlx.sampling import SAMPLERS
 
 
 def _stat(fn, values: list[float]) -> float | None:
@@ -43,9 +44,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, help="override the model's default CFG scale")
     parser.add_argument("--steps", type=int, help="override the model's default denoising steps")
     parser.add_argument("--shift", type=float, help="override the model's default flow shift")
-    parser.add_argument(
-        "--solver", choices=["euler", "unipc", "few-step"], help="override the model's solver"
-    )
+    parser.add_argument("--solver", choices=SAMPLERS, help="override the model's solver")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     opts = parser.parse_args()
 

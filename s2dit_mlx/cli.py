@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--solver",
-        choices=["euler", "unipc", "few-step"],
+        choices=["euler", "unipc", "few-step"],  # sampling.SAMPLERS (not imported: fast --help)
         help="euler or unipc: an ODE solver over the whole video (bidirectional) or each chunk "
         "(streaming); few-step: the re-noising sampler of distilled students (streaming only)",
     )

@@ -190,9 +190,10 @@ class Pipeline:
             raise S2DiTError(f"shift must be a positive number, got {s.shift!r}")
         if s.mode not in MODES:
             raise S2DiTError(f"mode must be one of {', '.join(MODES)}, got {s.mode!r}")
-        solvers = (*sampling.SOLVERS, sampling.FEW_STEP)
-        if s.solver not in solvers:
-            raise S2DiTError(f"solver must be one of {', '.join(solvers)}, got {s.solver!r}")
+        if s.solver not in sampling.SAMPLERS:
+            raise S2DiTError(
+                f"solver must be one of {', '.join(sampling.SAMPLERS)}, got {s.solver!r}"
+            )
         if s.solver == sampling.FEW_STEP and s.mode != "streaming":
             raise S2DiTError(f"the {sampling.FEW_STEP} solver runs in streaming mode only")
 

@@ -29,6 +29,7 @@ SOLVERS = ("euler", "unipc")
 # The sampler of distilled few-step students: predict x0, re-noise it with fresh noise to the
 # next level (streaming mode only; streaming.stream_latent_chunks).
 FEW_STEP = "few-step"
+SAMPLERS = (*SOLVERS, FEW_STEP)  # every --solver choice
 # Noise-level grids of the UniPC solver: Wan's FlowUniPC, or diffusers' UniPCMultistepScheduler.
 UNIPC_SCHEDULES = ("wan", "diffusers")
 

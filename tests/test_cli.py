@@ -150,6 +150,11 @@ def test_bidirectional_cfg_half_precision(capsys, tiny_model_dir, tmp_path):
 
 
 def test_streaming_solver_flag(capsys, tiny_model_dir, tmp_path):
+    from s2dit_mlx.sampling import SAMPLERS
+
+    generate_parser = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
+    solver = next(a for a in generate_parser._actions if a.dest == "solver")
+    assert tuple(solver.choices) == SAMPLERS  # the CLI's literal list is the library's
     out = tmp_path / "v.mp4"
     code, _, err = generate(capsys, tiny_model_dir, out, "--solver", "few-step", "--steps", 2, "-q")
     assert code == 0, err

@@ -167,6 +167,34 @@ def test_package_matches_mlx_over_streamed_chunks(tiny, tmp_path_factory, precis
     assert tiny[5][0].shape[1] == 1 + 4 * (DIT["frames_per_chunk"] - 1)
 
 
+def test_package_without_sink_matches_mlx(tiny, tmp_path):
+    """sink = 0 (the built-in model's): the ring holds only recent chunks, as MLX's cache does."""
+    dit, _, context, noise, with_sink = tiny[:5]
+    dit.args.sink = 0
+    try:
+        reference = list(verify.mlx_stream(dit, context, noise, TIMESTEPS))
+        export_coreml(
+            dit,
+            None,
+            tmp_path / "nosink",
+            height=HEIGHT,
+            width=WIDTH,
+            precision="float32",
+            timesteps=TIMESTEPS,
+            fps=8.0,
+            spatial_factor=8,
+        )
+    finally:
+        dit.args.sink = DIT["sink"]
+    pkg = Package(tmp_path / "nosink" / DIT_PACKAGE)
+    got = list(verify.package_stream(pkg, context, noise, TIMESTEPS))
+    psnrs = [verify.psnr(r, g) for r, g in zip(reference, got, strict=True)]
+    assert min(psnrs) >= 60.0, psnrs
+    # From chunk 3 on, the window no longer reaches chunk 0, so the stream differs from sink 1's.
+    assert np.allclose(reference[2], with_sink[2], atol=1e-5)
+    assert not np.allclose(reference[3], with_sink[3], atol=1e-3)
+
+
 def test_int8_package_exports_and_runs(tiny, tmp_path_factory):
     folder = exported(tiny, tmp_path_factory, "float16", "int8")
     dit_psnr, vae_psnr = stream_psnrs(folder, tiny)

@@ -57,6 +57,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     argv = ["--out", str(run), "--vae-steps", "2", "--vae-mlp-blocks", "1", "--clips", "8"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "0", "--tokenizer", "words"]
+    argv += ["--stream-sink", "0"]
     assert default_model.main(argv) == 0, capsys.readouterr().err
     assert "warning" not in capsys.readouterr().err  # --tokenizer words cuts no caption
     bundle = load_model(run / "model")
@@ -79,7 +80,10 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
+    argv += ["--recycle-prob", "0.5", "--sink", "2"]
     assert default_model.main(argv) == 0
+    for stage in ("dit", "palette"):  # both stages recycle their context
+        assert json.loads((more / stage / "run.json").read_text())["recycle_prob"] == 0.5
     # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
     assert np.load(more / "latents.npz")["latents"].shape[1] == 4
     with pytest.raises(S2DiTError, match="--clip-frames 33"):
@@ -88,6 +92,10 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert (more / "palette" / "loss.json").exists()
     start, before, after = (load_model(d) for d in (more / "init", run / "model", more / "model"))
     assert start.defaults["guidance"] == 7.5 and after.defaults == default_model.DEFAULTS
+    # --stream-sink 0 changed only the saved model (trained with 1); --sink 2 sets the init
+    # folder, which training reads, and the saved model.
+    assert load_model(run / "dit" / "model").dit.args.sink == 1 and before.dit.args.sink == 0
+    assert start.dit.args.sink == after.dit.args.sink == 2
     after_vae = dict(tree_flatten(after.vae.parameters()))
     for name, value in tree_flatten(before.vae.parameters()):
         assert np.array_equal(np.array(after_vae[name]), np.array(value))
@@ -192,4 +200,14 @@ def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --clip-frames takes 1 + 4k frames, k >= 1 (got 32)"
+    argv = ["--out", str(tmp_path / "run"), "--recycle-prob", "-0.1"]
+    assert default_model.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --recycle-prob takes a probability in [0, 1]"
+    argv = ["--out", str(tmp_path / "run"), "--sink", "-1"]
+    assert default_model.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --sink takes a number of chunks >= 0 (got -1)"
+    argv = ["--out", str(tmp_path / "run"), "--stream-sink", "-2"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --stream-sink takes a number of chunks >= 0 (got -2)"
     assert not (tmp_path / "run").exists()

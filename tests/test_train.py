@@ -194,6 +194,58 @@ def test_streaming_objective_per_chunk_noise_and_clean_context():
     assert abs(float(loss) - ref) < 1e-4 * max(1.0, abs(ref))
 
 
+class CallLog(RecordingDiT):
+    """Keeps every call's inputs; returns w (x + its running sum over frames), a causal mix."""
+
+    def __call__(self, x, t, context, chunk_frames=None):
+        self.calls = [*getattr(self, "calls", []), (x, t)]
+        return self.w * (x + mx.cumsum(x, axis=1))
+
+
+def test_recycled_context_is_the_models_own_prediction():
+    x0 = mx.random.normal((6, 5, 2, 2, 4), key=mx.random.key(0))  # chunks: 2 + 2 + 1 frames
+    batch = {"latents": x0, "context": mx.zeros((6, 3, 16))}
+    keys = rng.sample_keys(0, range(6))
+    plain, recycled = CallLog(frames_per_chunk=2), CallLog(frames_per_chunk=2)
+    base = dict(mode="streaming", clean_context_prob=1.0, t_dist="uniform")
+    flow_matching_loss(FlowModel(plain), batch, keys, FlowConfig(**base))
+    cfg = FlowConfig(**base, recycle_prob=1.0, recycle_max_sigma=0.4)
+    loss = flow_matching_loss(FlowModel(recycled), batch, keys, cfg)
+    assert len(plain.calls) == 1 and len(recycled.calls) == 2  # one extra, gradient-free pass
+    (x_r, t_r), (x_t, t) = recycled.calls
+    (x_plain, t_plain) = plain.calls[0]
+    assert np.array_equal(np.array(t), np.array(t_plain))  # the other draws are unchanged
+    t_r, t, x_t, x_r = (np.array(a) for a in (t_r, t, x_t, x_r))
+    assert t_r.min() >= 0 and t_r.max() <= 400 and np.all(t_r[:, 0] == t_r[:, 1])
+    clean = t == 0
+    s_r = (t_r / 1000.0)[..., None, None, None]
+    own = x_r - s_r * 0.5 * (x_r + np.cumsum(x_r, axis=1))  # x0 from the recycling pass
+    assert np.allclose(x_t[clean], own[clean], atol=1e-6)
+    assert not np.allclose(x_t[clean], np.array(x0)[clean])
+    assert np.array_equal(x_t[~clean], np.array(x_plain)[~clean])  # noisy chunks as before
+
+    # The gradient flows through the main pass only: the recycled context is a constant.
+    def main_pass_loss(w):
+        s = (t / 1000.0)[..., None, None, None]
+        eps = (x_t - (1 - s) * np.array(x0)) / np.maximum(s, 1e-12)
+        v = w * mx.array(x_t + np.cumsum(x_t, axis=1))
+        err = ((v - mx.array(eps - np.array(x0))) ** 2).mean(axis=(2, 3, 4))
+        keep = mx.array(~clean).astype(mx.float32)
+        return ((err * keep).sum(1) / keep.sum(1)).mean()
+
+    def loss_of_w(w):
+        recycled.w = w
+        return flow_matching_loss(FlowModel(recycled), batch, keys, cfg)
+
+    assert abs(float(loss) - float(main_pass_loss(mx.array(0.5)))) < 1e-4
+    g = float(mx.grad(loss_of_w)(mx.array(0.5)))
+    assert abs(g - float(mx.grad(main_pass_loss)(mx.array(0.5)))) < 1e-3 * max(1.0, abs(g))
+    with pytest.raises(S2DiTError, match="recycle_prob"):
+        FlowConfig(recycle_prob=1.5).validate()
+    with pytest.raises(S2DiTError, match="recycle_max_sigma"):
+        FlowConfig(recycle_max_sigma=0.0).validate()
+
+
 def test_bidirectional_objective_one_level_per_sample():
     dit = RecordingDiT(frames_per_chunk=1)
     x0 = mx.random.normal((4, 3, 2, 2, 4), key=mx.random.key(1))
@@ -242,7 +294,8 @@ def test_training_lowers_the_loss(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, variant):
     """N steps in one go == N/2 steps, a fresh process-like restart, then N/2 more (bitwise)."""
     lora = variant.startswith("lora")
-    flow = FlowConfig(mode="bidirectional" if lora else "streaming")
+    # The streaming variant recycles context, whose extra draws must also resume exactly.
+    flow = FlowConfig(mode="bidirectional") if lora else FlowConfig("streaming", recycle_prob=0.5)
     cfg = dict(steps=6, warmup=2, schedule="cosine", ema=0.0 if lora else 0.9, grad_clip=0.5)
     cfg["accum"] = 1 if lora else 2
 

@@ -17,7 +17,8 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
 The shipped model is one run and four continuations (--init) of it, on the shipped VAE
 (this recipe's VAE stage); about 3 h 45 min on 2 CPU cores. The first three runs predate
---background-dropout; the last trains on 5 s clips, whose motions stop after 2 s:
+--background-dropout; the last trains on 5 s clips, whose motions stop after 2 s, and streams
+without a sink chunk:
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -28,7 +29,10 @@ The shipped model is one run and four continuations (--init) of it, on the shipp
     python -m train.default_model --out runs/w4 --init runs/w3/model --seed 3 --steps 600 \
         --lr 2e-4 --ema 0.99
     python -m train.default_model --out runs/w5 --init runs/w4/model --seed 4 --clip-frames 81 \
-        --batch-size 8 --steps 2600 --lr 3e-4 --ema 0.999 --install
+        --batch-size 8 --steps 2600 --lr 3e-4 --ema 0.999 --stream-sink 0 --install
+
+The last run streams without the sink chunk it was trained with (--stream-sink 0 writes only the
+saved folder's layout): 10 s streams stay coherent longer (README).
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def text_encoder_config(vocab_size: int) -> UMT5Config:
     )
 
 
-def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
+def dit_args(z_dim: int, text_dim: int, sink: int = 1) -> ModelArgs:
     """The default S2DiT: a 6-layer LCHA/SSA sandwich on 8x8 latents, 2x2 patches."""
     return ModelArgs(
         in_dim=z_dim,
@@ -131,7 +135,7 @@ def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
         text_len=16,
         frames_per_chunk=3,
         window=2,
-        sink=1,
+        sink=sink,
     )
 
 
@@ -206,7 +210,9 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     return source
 
 
-def build_init(out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words") -> Path:
+def build_init(
+    out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words", sink: int = 1
+) -> Path:
     """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT."""
     init = out / "init"
     if (init / "config.json").exists():
@@ -224,7 +230,7 @@ def build_init(out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words
     vae_cfg = config_cls.from_dict(cfg)
     vae = model_cls(vae_cfg)
     vae.load_weights(str(vae_dir / "model.safetensors"))
-    dit = S2DiT(dit_args(vae_cfg.z_dim, te_cfg.d_model))
+    dit = S2DiT(dit_args(vae_cfg.z_dim, te_cfg.d_model, sink))
     save_model(init, dit, vae, text_encoder, defaults=DEFAULTS)
     return init
 
@@ -236,23 +242,33 @@ def save_as(bundle, target: Path, dtype: mx.Dtype) -> Path:
     return save_model(target, bundle.dit, bundle.vae, bundle.text_encoder, bundle.defaults)
 
 
-def to_float16(model_dir: Path, target: Path, defaults: dict | None = None) -> Path:
+def to_float16(
+    model_dir: Path, target: Path, defaults: dict | None = None, sink: int | None = None
+) -> Path:
     """Copy a model folder with every floating weight stored as float16 (half the size).
 
-    `defaults` replaces the folder's sampling defaults (the recipe's own, for its result).
+    `defaults` replaces the folder's sampling defaults (the recipe's own, for its result), and
+    `sink` the sink chunks of its streaming cache.
     """
     bundle = load_model(model_dir)
     if defaults is not None:
         bundle.defaults = dict(defaults)
+    if sink is not None:
+        bundle.dit.args.sink = sink
     return save_as(bundle, target, mx.float16)
 
 
-def continue_from(model_dir: Path, out: Path) -> Path:
-    """The starting folder of a run that continues a finished model: float32, its tokenizer."""
+def continue_from(model_dir: Path, out: Path, sink: int | None = None) -> Path:
+    """The starting folder of a run that continues a finished model: float32, its tokenizer.
+
+    `sink` replaces the model's sink chunks (streaming cache and block-causal training mask).
+    """
     init = out / "init"
     if (init / "config.json").exists():
         return init
     bundle = load_model(model_dir)
+    if sink is not None:
+        bundle.dit.args.sink = sink
     if bundle.text_encoder.tokenizer is None:
         raise S2DiTError(f"--init: {model_dir} has no text-encoder tokenizer")
     bundle.text_encoder.tokenizer.save(out / "tokenizer.json")  # latents_source reads it
@@ -329,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability that a training caption loses its background clause, so prompts "
         'without one ("a red circle moving left") are in distribution (default 0.2)',
     )
+    p.add_argument(
+        "--recycle-prob",
+        type=float,
+        default=0.0,
+        help="probability that a clean streaming context is the model's own prediction of it "
+        "(train.dit --recycle-prob; about 1.4x the step time; it made the built-in model's "
+        "long streams worse, see the README) (default 0: off)",
+    )
+    p.add_argument(
+        "--sink",
+        type=int,
+        help="first chunks every later chunk's softmax attention keeps seeing, in training "
+        "and in the saved model's streaming cache (default: the --init model's, else 1)",
+    )
+    p.add_argument(
+        "--stream-sink",
+        type=int,
+        help="sink chunks of the saved model's streaming cache only; training keeps --sink "
+        "(the shipped model: trained with 1, streams with 0) (default: as trained)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the DiT run")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
@@ -364,7 +400,7 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
         "--model", str(model), "--out", str(run_dir), "--data",
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
         "--batch-size", str(args.batch_size), "--clean-context-prob", "0.5",
-        "--t-dist", "logit_normal", *settings,
+        "--t-dist", "logit_normal", "--recycle-prob", str(args.recycle_prob), *settings,
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
@@ -393,15 +429,21 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError(f"--clip-frames takes 1 + 4k frames, k >= 1 (got {args.clip_frames})")
     if not 0 <= args.background_dropout <= 1:
         raise S2DiTError("--background-dropout takes a probability in [0, 1]")
+    for flag, sink in (("--sink", args.sink), ("--stream-sink", args.stream_sink)):
+        if sink is not None and sink < 0:
+            raise S2DiTError(f"{flag} takes a number of chunks >= 0 (got {sink})")
+    if not 0 <= args.recycle_prob <= 1:
+        raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.init:
-        init = continue_from(Path(args.init), out)
+        init = continue_from(Path(args.init), out, args.sink)
     else:
         vae_dir = Path(args.vae) if args.vae else vae_stage(args, out)
-        init = build_init(out, vae_dir, args.seed, args.tokenizer)
+        sink = 1 if args.sink is None else args.sink
+        init = build_init(out, vae_dir, args.seed, args.tokenizer, sink)
     bundle = load_model(init)
     trimmed = trimmed_captions(bundle.text_encoder.tokenizer)
     if trimmed:
@@ -424,7 +466,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.palette_steps:
         trained = palette_stage(args, out, trained)
     # The recipe's sampling defaults, also when --init started from a folder with others.
-    final = to_float16(trained, out / "model", DEFAULTS)
+    final = to_float16(trained, out / "model", DEFAULTS, args.stream_sink)
     print(f"model folder {final}: {folder_mb(final):.1f} MB")
     if args.install:
         to_float16(final, DEFAULT_MODEL_DIR)

@@ -116,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming: probability of clean (t=0) leading chunks (default 0.25)",
     )
     g.add_argument(
+        "--recycle-prob",
+        type=float,
+        metavar="X",
+        default=0.0,
+        help="streaming: probability that a clean context is replaced by the model's own "
+        "prediction of it (error recycling, meant against drift in long streams; one more "
+        "gradient-free forward pass per step) (default 0: off)",
+    )
+    g.add_argument(
+        "--recycle-max-sigma",
+        type=float,
+        metavar="X",
+        default=0.5,
+        help="recycled context chunks are predicted from noise levels uniform in [0, X] "
+        "(default 0.5)",
+    )
+    g.add_argument(
         "--train-text-encoder", action="store_true", help="train the text encoder jointly"
     )
 
@@ -337,6 +354,8 @@ def run(args: argparse.Namespace) -> Trainer:
         t_dist=args.t_dist,
         shift=args.shift,
         clean_context_prob=args.clean_context_prob,
+        recycle_prob=args.recycle_prob,
+        recycle_max_sigma=args.recycle_max_sigma,
     )
     train_cfg = TrainConfig(
         steps=args.steps,

@@ -9,6 +9,13 @@ x_s = (1 - s) x0 + s eps, the model is called with t = 1000 s and regresses v = 
   (c uniform in 1..n-1) are clean (s = 0) and left out of the loss: that is the state a
   streaming generator's cache holds (earlier chunks written at t = 0), so inference with a
   clean cache is in distribution.
+- error recycling (streaming, `recycle_prob`): a generator's cache holds its own chunks, not
+  ground truth, and their small errors (a blurred, shrunken or faded object) compound over a
+  long stream. With probability `recycle_prob` a sample's clean context is replaced by the
+  model's own prediction of it: each context chunk is noised to a level drawn uniformly in
+  [0, recycle_max_sigma], and one gradient-free pass predicts x0 from it. The later chunks still
+  regress the ground truth, so the model learns to restore a degraded context instead of
+  copying it.
 
 All randomness comes from per-sample keys (train.rng), so a sample's noise does not depend on
 how the batch is split across processes or on where a run was resumed.
@@ -40,6 +47,8 @@ class FlowConfig:
     shift: float = 1.0
     frames_per_chunk: int | None = None  # None: the model's frames_per_chunk
     clean_context_prob: float = 0.25
+    recycle_prob: float = 0.0
+    recycle_max_sigma: float = 0.5
 
     def validate(self) -> None:
         """Raise S2DiTError on an unknown mode or distribution or a bad number."""
@@ -53,6 +62,10 @@ class FlowConfig:
             raise S2DiTError(f"timestep shift must be a positive number, got {self.shift!r}")
         if not 0 <= self.clean_context_prob <= 1:
             raise S2DiTError("clean_context_prob must be in [0, 1]")
+        if not 0 <= self.recycle_prob <= 1:
+            raise S2DiTError("recycle_prob must be in [0, 1]")
+        if not 0 < self.recycle_max_sigma <= 1:
+            raise S2DiTError("recycle_max_sigma must be in (0, 1]")
         if self.frames_per_chunk is not None and self.frames_per_chunk < 1:
             raise S2DiTError("frames_per_chunk must be at least 1")
 
@@ -133,11 +146,35 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
     s5 = s.reshape(b, frames, 1, 1, 1).astype(x0.dtype)
     x_t = (1 - s5) * x0 + s5 * eps.astype(x0.dtype)
     t = 1000.0 * (s if streaming else s[:, 0])
-    v = dit(x_t, t, model.context(batch), chunk_frames=k if streaming else None)
+    context = model.context(batch)
+    if streaming and cfg.recycle_prob > 0:
+        x_t = _recycle_context(dit, x0, x_t, context, keys, clean, frame_chunk, k, cfg)
+    v = dit(x_t, t, context, chunk_frames=k if streaming else None)
     target = eps - x0
     err = ((v.astype(mx.float32) - target.astype(mx.float32)) ** 2).mean(axis=(2, 3, 4))  # [B, T]
     per_sample = (err * keep).sum(axis=1) / mx.maximum(keep.sum(axis=1), 1.0)
     return per_sample.mean()
+
+
+def _recycle_context(dit, x0, x_t, context, keys, clean, frame_chunk, k, cfg) -> mx.array:
+    """x_t with the clean context of recycled samples replaced by the model's own x0 prediction."""
+
+    def draw(key: mx.array):
+        # A key of its own (split from the sample's), so the other draws stay as they were.
+        k_use, k_sigma, k_eps = mx.random.split(mx.random.split(key)[1], 3)
+        use = mx.random.uniform(key=k_use) < cfg.recycle_prob
+        sigma = cfg.recycle_max_sigma * mx.random.uniform(shape=clean.shape[1:], key=k_sigma)
+        return use, sigma, mx.random.normal(x0.shape[1:], key=k_eps)
+
+    use, sigma, eps = mx.vmap(draw)(keys)
+    b, frames = x0.shape[:2]
+    s = sigma[:, frame_chunk].reshape(b, frames, 1, 1, 1).astype(x0.dtype)
+    x_r = (1 - s) * x0 + s * eps.astype(x0.dtype)
+    t_r = 1000.0 * sigma[:, frame_chunk]
+    v_r = dit(x_r, t_r, mx.stop_gradient(context), chunk_frames=k)
+    x0_hat = mx.stop_gradient(x_r - s * v_r.astype(x0.dtype))
+    swap = mx.logical_and(use[:, None], clean)[:, frame_chunk].reshape(b, frames, 1, 1, 1)
+    return mx.where(swap, x0_hat, x_t)
 
 
 def make_flow_loss(cfg: FlowConfig):

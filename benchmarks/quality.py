@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--long-prompts", type=int, default=10)
+    parser.add_argument("--long-prompts", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--long-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1234)

@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="probability that a clean streaming context is the model's own prediction of it "
-        "(train.dit --recycle-prob; about 1.4x the step time; it made the built-in model's "
+        "(train.dit --recycle-prob; 1.8x the step time here; it made the built-in model's "
         "long streams worse, see the README) (default 0: off)",
     )
     p.add_argument(

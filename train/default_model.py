@@ -120,7 +120,7 @@ def text_encoder_config(vocab_size: int) -> UMT5Config:
     )
 
 
-def dit_args(z_dim: int, text_dim: int, sink: int = 1) -> ModelArgs:
+def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
     """The default S2DiT: a 6-layer LCHA/SSA sandwich on 8x8 latents, 2x2 patches."""
     return ModelArgs(
         in_dim=z_dim,
@@ -135,7 +135,7 @@ def dit_args(z_dim: int, text_dim: int, sink: int = 1) -> ModelArgs:
         text_len=16,
         frames_per_chunk=3,
         window=2,
-        sink=sink,
+        sink=1,
     )
 
 
@@ -211,9 +211,12 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
 
 
 def build_init(
-    out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words", sink: int = 1
+    out: Path, vae_dir: Path, seed: int, tokenizer_kind: str = "words", sink: int | None = None
 ) -> Path:
-    """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT."""
+    """The starting model folder: trained VAE, fresh tokenizer, random text encoder and DiT.
+
+    `sink` replaces dit_args' sink chunks (streaming cache and block-causal training mask).
+    """
     init = out / "init"
     if (init / "config.json").exists():
         return init
@@ -230,7 +233,10 @@ def build_init(
     vae_cfg = config_cls.from_dict(cfg)
     vae = model_cls(vae_cfg)
     vae.load_weights(str(vae_dir / "model.safetensors"))
-    dit = S2DiT(dit_args(vae_cfg.z_dim, te_cfg.d_model, sink))
+    args = dit_args(vae_cfg.z_dim, te_cfg.d_model)
+    if sink is not None:
+        args.sink = sink
+    dit = S2DiT(args)
     save_model(init, dit, vae, text_encoder, defaults=DEFAULTS)
     return init
 
@@ -442,8 +448,7 @@ def run(args: argparse.Namespace) -> Path:
         init = continue_from(Path(args.init), out, args.sink)
     else:
         vae_dir = Path(args.vae) if args.vae else vae_stage(args, out)
-        sink = 1 if args.sink is None else args.sink
-        init = build_init(out, vae_dir, args.seed, args.tokenizer, sink)
+        init = build_init(out, vae_dir, args.seed, args.tokenizer, args.sink)
     bundle = load_model(init)
     trimmed = trimmed_captions(bundle.text_encoder.tokenizer)
     if trimmed:

@@ -210,4 +210,22 @@ def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --stream-sink takes a number of chunks >= 0 (got -2)"
+    argv = ["--out", str(tmp_path / "run"), "--workers", "0"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --workers takes a number of processes >= 1 (got 0)"
     assert not (tmp_path / "run").exists()
+
+
+def test_clips_drawn_by_several_workers_are_the_same(tmp_path):
+    from train import default_model
+
+    vae = load_model(DEFAULT_MODEL_DIR).vae
+    paths = [
+        default_model.encode_latents(vae, 6, 3, tmp_path / f"w{n}.npz", 9, batch=2, workers=n)
+        for n in (1, 2)
+    ]
+    one, two = (np.load(p) for p in paths)
+    assert one["latents"].shape[:2] == (6, 3)  # 9 frames: 3 latent frames
+    np.testing.assert_array_equal(one["latents"], two["latents"])
+    assert list(one["captions"]) == list(two["captions"]) and len(set(one["captions"])) > 1

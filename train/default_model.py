@@ -38,10 +38,15 @@ saved folder's layout): 10 s streams stay coherent longer (README).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import itertools
 import json
+import multiprocessing
 import os
 import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # isort: off
@@ -140,12 +145,20 @@ def dit_args(z_dim: int, text_dim: int) -> ModelArgs:
 
 
 def encode_latents(
-    vae, count: int, seed: int, path: Path, frames: int = CLIP_FRAMES, batch: int = 8
+    vae,
+    count: int,
+    seed: int,
+    path: Path,
+    frames: int = CLIP_FRAMES,
+    batch: int = 8,
+    workers: int = 1,
 ) -> Path:
     """Encode `count` clips once (normalised posterior means) and cache them with captions.
 
     Every motion spans CLIP_FRAMES (2 s); longer clips go on past it as a long stream does
     (objects stop at the frame edge, growth stops), so the model learns what follows.
+    `workers` processes draw the clips (each a pure function of its index, so the cache is the
+    same for any number); this process encodes them in order.
     """
     if path.exists():
         cached = np.load(path)["latents"]
@@ -158,17 +171,37 @@ def encode_latents(
     data = ShapesDataset(
         height=SIZE, width=SIZE, frames=frames, seed=seed, motion_frames=CLIP_FRAMES
     )
+    chunks = [list(range(s, min(s + batch, count))) for s in range(0, count, batch)]
     latents, captions = [], []
-    for start in tqdm(range(0, count, batch), desc="encoding clips", unit="batch"):
-        idx = list(range(start, min(start + batch, count)))
-        video, caps = data.batch(idx)
-        z = vae.encode(mx.array(video))
-        latents.append(np.array(z.astype(mx.float16)))
-        captions += caps
+    with contextlib.ExitStack() as stack:
+        drawn: Iterable = map(data.batch, chunks)
+        if workers > 1:
+            # spawn, not fork: a forked child of a process holding MLX (or a GPU) state is unsafe
+            ctx = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx))
+            drawn = _in_order(pool, data.batch, chunks, ahead=2 * workers)
+        for video, caps in tqdm(drawn, total=len(chunks), desc="encoding clips", unit="batch"):
+            z = vae.encode(mx.array(video))
+            latents.append(np.array(z.astype(mx.float16)))
+            captions += caps
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, latents=np.concatenate(latents), captions=np.array(captions))
     os.replace(tmp, path)
     return path
+
+
+def _in_order(pool: ProcessPoolExecutor, fn, items: list, ahead: int) -> Iterator:
+    """fn over items in `pool`, in order, with at most `ahead` results drawn but not yet read.
+
+    (pool.map would draw them all at once: gigabytes of clips when the encoder is slower.)
+    """
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def without_background(text: str) -> str:
@@ -331,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"{CLIP_FRAMES} frames and longer clips show what follows in a long stream (objects "
         "stop at the frame edge), with more chunks of streaming context",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes drawing the training clips (the same clips for any number; drawing "
+        "them is most of the encoding time when a GPU encodes) (default 1)",
+    )
     p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -438,6 +478,8 @@ def run(args: argparse.Namespace) -> Path:
     for flag, sink in (("--sink", args.sink), ("--stream-sink", args.stream_sink)):
         if sink is not None and sink < 0:
             raise S2DiTError(f"{flag} takes a number of chunks >= 0 (got {sink})")
+    if args.workers < 1:
+        raise S2DiTError(f"--workers takes a number of processes >= 1 (got {args.workers})")
     if not 0 <= args.recycle_prob <= 1:
         raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
     if args.init and not (Path(args.init) / "config.json").is_file():
@@ -459,7 +501,12 @@ def run(args: argparse.Namespace) -> Path:
             file=sys.stderr,
         )
     latents = encode_latents(
-        bundle.vae, args.clips, args.seed, out / "latents.npz", args.clip_frames
+        bundle.vae,
+        args.clips,
+        args.seed,
+        out / "latents.npz",
+        args.clip_frames,
+        workers=args.workers,
     )
     os.environ[LATENTS_ENV] = str(latents)
     os.environ[BACKGROUND_DROPOUT_ENV] = str(args.background_dropout)

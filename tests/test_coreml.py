@@ -42,6 +42,7 @@ from s2dit_mlx.coreml.emit import (  # noqa: E402
     types,
 )
 from s2dit_mlx.coreml.export import (  # noqa: E402
+    DIT_INT8_FLOAT16,
     DIT_PACKAGE,
     MANIFEST,
     VAE_PACKAGE,
@@ -203,11 +204,17 @@ def test_int8_package_exports_and_runs(tiny, tmp_path_factory):
     assert min(dit_psnr) > 20 and min(vae_psnr) > 20
     spec = ct.models.MLModel(str(folder / DIT_PACKAGE), skip_model_load=True).get_spec()
     ops = {
-        o.type
+        o.outputs[0].name: o
         for f in spec.mlProgram.functions.values()
         for o in f.block_specializations[f.opset].operations
+        if o.outputs
     }
-    assert "constexpr_blockwise_shift_scale" in ops
+    # Affine int8 (a zero point per channel) on the blocks; the timestep MLP, the modulation
+    # projection and the head stay float16.
+    quantised = ops["blocks_0_ffn_0_weight_quantized"]
+    assert quantised.type == "constexpr_blockwise_shift_scale" and "offset" in quantised.inputs
+    for name in DIT_INT8_FLOAT16:
+        assert ops[name.replace(".", "_")].type == "const", name
 
 
 @pytest.mark.slow

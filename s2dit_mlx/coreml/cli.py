@@ -63,7 +63,8 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         "--compress",
         choices=COMPRESSIONS,
         default="none",
-        help="weight compression: int8 per channel, 6- or 4-bit k-means palettes",
+        help="weight compression: int8 per channel (affine; the DiT's timestep, modulation and "
+        "head weights stay float16), 6- or 4-bit k-means palettes",
     )
     p.add_argument(
         "--precision",

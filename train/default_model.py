@@ -15,10 +15,11 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
     python -m train.default_model --out runs/default --install
 
-The shipped model is one run and four continuations (--init) of it, on the shipped VAE
-(this recipe's VAE stage); about 3 h 45 min on 2 CPU cores. The first three runs predate
---background-dropout; the last trains on 5 s clips, whose motions stop after 2 s, and streams
-without a sink chunk:
+The shipped model is one run and seven continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage); about 4 h 10 min on 2 CPU cores and 13 minutes on one H100 (MLX's
+CUDA backend, g2 and g3). The first three runs predate --background-dropout; w5 and the GPU
+runs train on 5 s clips, whose motions stop after 2 s; the last one, back on 2 s clips,
+brings the motion back (README):
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -29,10 +30,20 @@ without a sink chunk:
     python -m train.default_model --out runs/w4 --init runs/w3/model --seed 3 --steps 600 \
         --lr 2e-4 --ema 0.99
     python -m train.default_model --out runs/w5 --init runs/w4/model --seed 4 --clip-frames 81 \
-        --batch-size 8 --steps 2600 --lr 3e-4 --ema 0.999 --stream-sink 0 --install
+        --batch-size 8 --steps 2600 --lr 3e-4 --ema 0.999 --stream-sink 0
+    python -m train.default_model --out runs/g2 --init runs/w5/model --sink 1 --stream-sink 0 \
+        --seed 20 --clips 16000 --clip-frames 81 --workers 14 --batch-size 64 --steps 2500 \
+        --lr 4e-4 --ema 0.999
+    mkdir -p runs/g3 && cp runs/g2/latents.npz runs/g3/
+    python -m train.default_model --out runs/g3 --init runs/g2/model --sink 1 --stream-sink 0 \
+        --seed 21 --clips 16000 --clip-frames 81 --batch-size 64 --steps 3800 --lr 3e-4 \
+        --ema 0.999
+    python -m train.default_model --out runs/g4 --init runs/g3/model --sink 1 --stream-sink 0 \
+        --seed 22 --clips 4000 --clip-frames 33 --batch-size 8 --steps 1500 --lr 1e-4 \
+        --ema 0.999 --install
 
-The last run streams without the sink chunk it was trained with (--stream-sink 0 writes only the
-saved folder's layout): 10 s streams stay coherent longer (README).
+From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
+the saved folder's layout): 10 s streams stay coherent longer (README).
 """
 
 from __future__ import annotations

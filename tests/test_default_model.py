@@ -80,10 +80,12 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
-    argv += ["--recycle-prob", "0.5", "--sink", "2"]
+    argv += ["--recycle-prob", "0.5", "--sink", "2", "--t-shift", "3"]
     assert default_model.main(argv) == 0
-    for stage in ("dit", "palette"):  # both stages recycle their context
-        assert json.loads((more / stage / "run.json").read_text())["recycle_prob"] == 0.5
+    for stage in ("dit", "palette"):  # both stages recycle their context, at shifted levels
+        stage_run = json.loads((more / stage / "run.json").read_text())
+        assert stage_run["recycle_prob"] == 0.5 and stage_run["shift"] == 3.0
+    assert json.loads((run / "dit" / "run.json").read_text())["shift"] == 1.0
     # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
     assert np.load(more / "latents.npz")["latents"].shape[1] == 4
     with pytest.raises(S2DiTError, match="--clip-frames 33"):
@@ -214,6 +216,9 @@ def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --workers takes a number of processes >= 1 (got 0)"
+    argv = ["--out", str(tmp_path / "run"), "--t-shift", "0"]
+    assert default_model.main(argv) == 2
+    assert capsys.readouterr().err.strip() == "error: --t-shift takes a finite number > 0 (got 0.0)"
     assert not (tmp_path / "run").exists()
 
 

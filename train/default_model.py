@@ -53,6 +53,7 @@ import collections
 import contextlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -403,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         'without one ("a red circle moving left") are in distribution (default 0.2)',
     )
     p.add_argument(
+        "--t-shift",
+        type=float,
+        default=1.0,
+        help="shift of the training noise levels (train.dit --shift): 3 matches the sampler's "
+        "default and trains the near-pure-noise steps where a clip's layout is decided "
+        "(default 1)",
+    )
+    p.add_argument(
         "--recycle-prob",
         type=float,
         default=0.0,
@@ -457,7 +466,8 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
         "--model", str(model), "--out", str(run_dir), "--data",
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
         "--batch-size", str(args.batch_size), "--clean-context-prob", "0.5",
-        "--t-dist", "logit_normal", "--recycle-prob", str(args.recycle_prob), *settings,
+        "--t-dist", "logit_normal", "--shift", str(args.t_shift),
+        "--recycle-prob", str(args.recycle_prob), *settings,
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
@@ -493,6 +503,8 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError(f"--workers takes a number of processes >= 1 (got {args.workers})")
     if not 0 <= args.recycle_prob <= 1:
         raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
+    if not (args.t_shift > 0 and math.isfinite(args.t_shift)):
+        raise S2DiTError(f"--t-shift takes a finite number > 0 (got {args.t_shift})")
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
     out = Path(args.out)

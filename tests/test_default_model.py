@@ -53,7 +53,9 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     """`python -m train.default_model` at a few steps: every stage runs and the folder works."""
     from train import default_model
 
-    monkeypatch.setenv(default_model.LATENTS_ENV, "")  # the recipe sets it; undone afterwards
+    for name in (default_model.LATENTS_ENV, default_model.LONG_MIX_ENV):
+        monkeypatch.setenv(name, "")  # the recipe sets them; undone afterwards
+    monkeypatch.setenv(default_model.BACKGROUND_DROPOUT_ENV, "0")
     run = tmp_path / "run"
     argv = ["--out", str(run), "--vae-steps", "2", "--vae-mlp-blocks", "1", "--clips", "8"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "0", "--tokenizer", "words"]
@@ -81,14 +83,17 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
     argv += ["--recycle-prob", "0.5", "--sink", "2", "--t-shift", "3"]
+    argv += ["--long-clips", "4", "--long-clip-frames", "17", "--long-every", "2"]
     assert default_model.main(argv) == 0
+    # every second batch came from the long clips (17 frames: 5 latent frames)
+    assert np.load(more / "long_latents.npz")["latents"].shape[:2] == (4, 5)
     for stage in ("dit", "palette"):  # both stages recycle their context, at shifted levels
         stage_run = json.loads((more / stage / "run.json").read_text())
         assert stage_run["recycle_prob"] == 0.5 and stage_run["shift"] == 3.0
     assert json.loads((run / "dit" / "run.json").read_text())["shift"] == 1.0
     # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
     assert np.load(more / "latents.npz")["latents"].shape[1] == 4
-    with pytest.raises(S2DiTError, match="--clip-frames 33"):
+    with pytest.raises(S2DiTError, match="not the 9 of 33-frame clips"):
         default_model.encode_latents(load_model(more / "init").vae, 8, 1, more / "latents.npz")
     assert not (more / "vae_run").exists() and not (run / "palette").exists()
     assert (more / "palette" / "loss.json").exists()
@@ -191,6 +196,42 @@ def test_background_dropout_cuts_the_clause_by_index(tmp_path, monkeypatch):
     assert all(r == cut[i % 50] for i, r in zip(indices, rows(1.0, indices), strict=True))
 
 
+def test_long_clips_fill_every_nth_batch_in_order(tmp_path, monkeypatch):
+    """--long-clips: batch b is long when b % every == every - 1, long clips walked in order,
+    and a process's slice of a batch reads the same samples as the whole batch."""
+    from s2dit_mlx.tokenizer import Tokenizer, word_tokenizer
+    from train import default_model
+
+    monkeypatch.setenv(default_model.BACKGROUND_DROPOUT_ENV, "0")
+    captions = default_model.all_captions()
+    word_tokenizer(captions, path=tmp_path / "tokenizer.json")
+    # each clip's latents hold its own number, so a batch shows which clips it read
+    short = np.arange(10, dtype=np.float16).reshape(10, 1, 1, 1, 1) * np.ones((1, 3, 1, 1, 1))
+    long = -np.arange(1, 8, dtype=np.float16).reshape(7, 1, 1, 1, 1) * np.ones((1, 6, 1, 1, 1))
+    np.savez(tmp_path / "latents.npz", latents=short, captions=np.array(captions[:10]))
+    np.savez(tmp_path / "long.npz", latents=long, captions=np.array(captions[10:17]))
+    monkeypatch.setenv(default_model.LATENTS_ENV, str(tmp_path / "latents.npz"))
+    mix = {"path": str(tmp_path / "long.npz"), "every": 3, "batch": 4}
+    monkeypatch.setenv(default_model.LONG_MIX_ENV, json.dumps(mix))
+    source = default_model.latents_source(seed=0, caption_dropout=0.0)
+    read = []
+    for b in range(6):
+        latents = np.array(source(list(range(4 * b, 4 * b + 4)))["latents"])
+        assert latents.shape[1] == (6 if b % 3 == 2 else 3)
+        read.append(latents[:, 0, 0, 0, 0].tolist())
+    assert read[0] == [0, 1, 2, 3] and read[1] == [4, 5, 6, 7] and read[3] == [2, 3, 4, 5]
+    assert read[2] == [-1, -2, -3, -4] and read[5] == [-5, -6, -7, -1]  # in order, wrapping
+    # the second half of batch 5 alone (a second process's slice) reads the same clips
+    assert np.array(source([22, 23])["latents"])[:, 0, 0, 0, 0].tolist() == [-7, -1]
+    # and their captions with them
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer.json", text_len=16)
+    expected, _ = tokenizer(captions[10:14])
+    np.testing.assert_array_equal(np.array(source([8, 9, 10, 11])["ids"]), expected)
+    monkeypatch.setenv(default_model.LONG_MIX_ENV, "")
+    plain = default_model.latents_source(seed=0, caption_dropout=0.0)
+    assert np.array(plain(list(range(8, 12)))["latents"]).shape[1] == 3  # no mix: all short
+
+
 def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     from train import default_model
 
@@ -216,6 +257,16 @@ def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --workers takes a number of processes >= 1 (got 0)"
+    argv = ["--out", str(tmp_path / "run"), "--long-clips", "8", "--long-every", "1"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: --long-clips takes a count >= 0 and --long-every a period >= 2 (got 8 and 1)"
+    )
+    argv = ["--out", str(tmp_path / "run"), "--long-clip-frames", "80"]
+    assert default_model.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"
     argv = ["--out", str(tmp_path / "run"), "--t-shift", "0"]
     assert default_model.main(argv) == 2
     assert capsys.readouterr().err.strip() == "error: --t-shift takes a finite number > 0 (got 0.0)"

@@ -91,6 +91,7 @@ from .palette import PALETTE_BITS
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
 BACKGROUND_DROPOUT_ENV = "S2DIT_DEFAULT_BACKGROUND_DROPOUT"
+LONG_MIX_ENV = "S2DIT_DEFAULT_LONG_MIX"  # JSON {"path", "every", "batch"} of --long-clips
 VAE_TYPES = {"wan": (WanVAEConfig, WanVAE), "patch": (PatchVAEConfig, PatchVAE)}
 SIZE, FPS, CLIP_FRAMES = 64, 16, 33  # 64x64, 2-second training clips (9 latent frames)
 
@@ -176,8 +177,8 @@ def encode_latents(
         cached = np.load(path)["latents"]
         if cached.shape[1] != vae.num_latent_frames(frames):
             raise S2DiTError(
-                f"{path} holds clips of {cached.shape[1]} latent frames, not --clip-frames "
-                f"{frames}; use a new --out"
+                f"{path} holds clips of {cached.shape[1]} latent frames, not the "
+                f"{vae.num_latent_frames(frames)} of {frames}-frame clips; use a new --out"
             )
         return path
     data = ShapesDataset(
@@ -227,25 +228,36 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     Returns {"latents", "ids", "mask"}: the text encoder trains jointly, so captions are only
     tokenized here. A caption is dropped (-> "") with probability caption_dropout, and loses its
     background clause with probability $S2DIT_DEFAULT_BACKGROUND_DROPOUT (default 0), by index.
+    With $S2DIT_DEFAULT_LONG_MIX set (--long-clips), every `every`-th batch of `batch` samples
+    comes from the long-clip cache instead, walked in order; a batch is all one length.
     """
-    path = Path(os.environ[LATENTS_ENV])
     background_dropout = float(os.environ.get(BACKGROUND_DROPOUT_ENV, "0"))
-    cached = np.load(path)
-    latents, captions = cached["latents"], [str(c) for c in cached["captions"]]
-    tokenizer = Tokenizer.from_file(path.parent / "tokenizer.json", text_len=16)
-    n = len(captions)
+    short = _cached_clips(Path(os.environ[LATENTS_ENV]))
+    tokenizer = Tokenizer.from_file(
+        Path(os.environ[LATENTS_ENV]).parent / "tokenizer.json", text_len=16
+    )
+    mix = json.loads(os.environ.get(LONG_MIX_ENV) or "null")
+    long = _cached_clips(Path(mix["path"])) if mix else None
 
-    def text(i: int) -> str:
+    def text(i: int, full: str) -> str:
         if rng.uniform01(seed, "caption", i) < caption_dropout:
             return ""
         if rng.uniform01(seed, "background", i) < background_dropout:
-            return without_background(captions[i % n])
-        return captions[i % n]
+            return without_background(full)
+        return full
 
     def source(indices) -> dict:
-        picks = [i % n for i in indices]
-        caps = [text(i) for i in indices]
-        ids, mask = tokenizer(caps)
+        latents, captions = short
+        picks = [i % len(captions) for i in indices]
+        if mix:
+            # indices hold one batch (or a process's slice of it): its number decides its length
+            batch, every = mix["batch"], mix["every"]
+            number = indices[0] // batch
+            if number % every == every - 1:
+                latents, captions = long
+                first = (number // every) * batch - number * batch  # long clips in order
+                picks = [(i + first) % len(captions) for i in indices]
+        ids, mask = tokenizer([text(i, captions[p]) for i, p in zip(indices, picks, strict=True)])
         return {
             "latents": mx.array(latents[picks].astype(np.float32)),
             "ids": mx.array(ids),
@@ -253,6 +265,12 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
         }
 
     return source
+
+
+def _cached_clips(path: Path) -> tuple[np.ndarray, list[str]]:
+    """The (latents, captions) of one encode_latents cache."""
+    cached = np.load(path)
+    return cached["latents"], [str(c) for c in cached["captions"]]
 
 
 def build_init(
@@ -377,6 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
         "stop at the frame edge), with more chunks of streaming context",
     )
     p.add_argument(
+        "--long-clips",
+        type=int,
+        default=0,
+        help="also encode this many long clips (--long-clip-frames, drawn with --seed + 1) and "
+        "train every --long-every-th batch on them: short clips teach the motions, long ones "
+        "the streaming that follows (default 0: off)",
+    )
+    p.add_argument(
+        "--long-clip-frames",
+        type=int,
+        default=81,
+        help="frames per long clip, 1 + 4k (default 81, 5 s)",
+    )
+    p.add_argument(
+        "--long-every",
+        type=int,
+        default=4,
+        help="every Nth batch is long clips, N >= 2 (default 4)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -492,8 +530,17 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError("give --init or --vae, not both (--init brings its own VAE)")
     if args.palette_steps and args.palette_bits not in PALETTE_BITS:
         raise S2DiTError("--palette-bits takes 1..8 (or skip the stage with --palette-steps 0)")
-    if args.clip_frames < 5 or (args.clip_frames - 1) % 4:
-        raise S2DiTError(f"--clip-frames takes 1 + 4k frames, k >= 1 (got {args.clip_frames})")
+    for flag, frames in (
+        ("--clip-frames", args.clip_frames),
+        ("--long-clip-frames", args.long_clip_frames),
+    ):
+        if frames < 5 or (frames - 1) % 4:
+            raise S2DiTError(f"{flag} takes 1 + 4k frames, k >= 1 (got {frames})")
+    if args.long_clips < 0 or args.long_every < 2:
+        raise S2DiTError(
+            f"--long-clips takes a count >= 0 and --long-every a period >= 2 "
+            f"(got {args.long_clips} and {args.long_every})"
+        )
     if not 0 <= args.background_dropout <= 1:
         raise S2DiTError("--background-dropout takes a probability in [0, 1]")
     for flag, sink in (("--sink", args.sink), ("--stream-sink", args.stream_sink)):
@@ -532,6 +579,18 @@ def run(args: argparse.Namespace) -> Path:
         workers=args.workers,
     )
     os.environ[LATENTS_ENV] = str(latents)
+    os.environ[LONG_MIX_ENV] = ""
+    if args.long_clips:
+        long = encode_latents(
+            bundle.vae,
+            args.long_clips,
+            args.seed + 1,
+            out / "long_latents.npz",
+            args.long_clip_frames,
+            workers=args.workers,
+        )
+        mix = {"path": str(long), "every": args.long_every, "batch": args.batch_size}
+        os.environ[LONG_MIX_ENV] = json.dumps(mix)
     os.environ[BACKGROUND_DROPOUT_ENV] = str(args.background_dropout)
     settings = [
         "--steps", str(args.steps), "--lr", str(args.lr), "--warmup", "100",

@@ -15,11 +15,11 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
     python -m train.default_model --out runs/default --install
 
-The shipped model is one run and seven continuations (--init) of it, on the shipped VAE
-(this recipe's VAE stage); about 4 h 10 min on 2 CPU cores and 13 minutes on one H100 (MLX's
+The shipped model is one run and nine continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage); about 5 h 15 min on 2 CPU cores and 13 minutes on one H100 (MLX's
 CUDA backend, g2 and g3). The first three runs predate --background-dropout; w5 and the GPU
-runs train on 5 s clips, whose motions stop after 2 s; the last one, back on 2 s clips,
-brings the motion back (README):
+runs train on 5 s clips, whose motions stop after 2 s; g4 and g6, back on 2 s clips, bring
+the motion back, and g9, on both, the long streams (README):
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -40,7 +40,14 @@ brings the motion back (README):
         --ema 0.999
     python -m train.default_model --out runs/g4 --init runs/g3/model --sink 1 --stream-sink 0 \
         --seed 22 --clips 4000 --clip-frames 33 --batch-size 8 --steps 1500 --lr 1e-4 \
-        --ema 0.999 --install
+        --ema 0.999
+    python -m train.default_model --out runs/g6 --init runs/g4/model --sink 1 --stream-sink 0 \
+        --seed 24 --clips 8000 --clip-frames 33 --batch-size 8 --steps 2500 --lr 1e-4 \
+        --ema 0.999 --t-shift 3
+    mkdir -p runs/g9 && cp runs/w5/latents.npz runs/g9/long_latents.npz
+    python -m train.default_model --out runs/g9 --init runs/g6/model --sink 1 --stream-sink 0 \
+        --seed 27 --clips 8000 --clip-frames 33 --long-clips 4000 --long-every 3 \
+        --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --install
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
 the saved folder's layout): 10 s streams stay coherent longer (README).

@@ -232,44 +232,29 @@ def test_long_clips_fill_every_nth_batch_in_order(tmp_path, monkeypatch):
     assert np.array(plain(list(range(8, 12)))["latents"]).shape[1] == 3  # no mix: all short
 
 
-def test_recipe_rejects_a_bad_background_dropout(tmp_path, capsys):
+BAD_SETTINGS = [
+    (["--background-dropout", "1.5"], "--background-dropout takes a probability in [0, 1]"),
+    (["--clip-frames", "32"], "--clip-frames takes 1 + 4k frames, k >= 1 (got 32)"),
+    (["--recycle-prob", "-0.1"], "--recycle-prob takes a probability in [0, 1]"),
+    (["--sink", "-1"], "--sink takes a number of chunks >= 0 (got -1)"),
+    (["--stream-sink", "-2"], "--stream-sink takes a number of chunks >= 0 (got -2)"),
+    (["--workers", "0"], "--workers takes a number of processes >= 1 (got 0)"),
+    (
+        ["--long-clips", "8", "--long-every", "1"],
+        "--long-clips takes a count >= 0 and --long-every a period >= 2 (got 8 and 1)",
+    ),
+    (["--long-clip-frames", "80"], "--long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"),
+    (["--t-shift", "0"], "--t-shift takes a finite number > 0 (got 0.0)"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_SETTINGS)
+def test_recipe_rejects_a_bad_setting(tmp_path, capsys, flags, message):
+    """One error line and exit 2, before anything is written."""
     from train import default_model
 
-    argv = ["--out", str(tmp_path / "run"), "--background-dropout", "1.5"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == "error: --background-dropout takes a probability in [0, 1]"
-    argv = ["--out", str(tmp_path / "run"), "--clip-frames", "32"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == "error: --clip-frames takes 1 + 4k frames, k >= 1 (got 32)"
-    argv = ["--out", str(tmp_path / "run"), "--recycle-prob", "-0.1"]
-    assert default_model.main(argv) == 2
-    assert capsys.readouterr().err.strip() == "error: --recycle-prob takes a probability in [0, 1]"
-    argv = ["--out", str(tmp_path / "run"), "--sink", "-1"]
-    assert default_model.main(argv) == 2
-    assert capsys.readouterr().err.strip() == "error: --sink takes a number of chunks >= 0 (got -1)"
-    argv = ["--out", str(tmp_path / "run"), "--stream-sink", "-2"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: --stream-sink takes a number of chunks >= 0 (got -2)"
-    argv = ["--out", str(tmp_path / "run"), "--workers", "0"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: --workers takes a number of processes >= 1 (got 0)"
-    argv = ["--out", str(tmp_path / "run"), "--long-clips", "8", "--long-every", "1"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        "error: --long-clips takes a count >= 0 and --long-every a period >= 2 (got 8 and 1)"
-    )
-    argv = ["--out", str(tmp_path / "run"), "--long-clip-frames", "80"]
-    assert default_model.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: --long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"
-    argv = ["--out", str(tmp_path / "run"), "--t-shift", "0"]
-    assert default_model.main(argv) == 2
-    assert capsys.readouterr().err.strip() == "error: --t-shift takes a finite number > 0 (got 0.0)"
+    assert default_model.main(["--out", str(tmp_path / "run"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
     assert not (tmp_path / "run").exists()
 
 

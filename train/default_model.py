@@ -239,10 +239,9 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
     comes from the long-clip cache instead, walked in order; a batch is all one length.
     """
     background_dropout = float(os.environ.get(BACKGROUND_DROPOUT_ENV, "0"))
-    short = _cached_clips(Path(os.environ[LATENTS_ENV]))
-    tokenizer = Tokenizer.from_file(
-        Path(os.environ[LATENTS_ENV]).parent / "tokenizer.json", text_len=16
-    )
+    path = Path(os.environ[LATENTS_ENV])
+    short = _cached_clips(path)
+    tokenizer = Tokenizer.from_file(path.parent / "tokenizer.json", text_len=16)
     mix = json.loads(os.environ.get(LONG_MIX_ENV) or "null")
     long = _cached_clips(Path(mix["path"])) if mix else None
 
@@ -262,8 +261,9 @@ def latents_source(seed: int = 0, caption_dropout: float = 0.1, **_ignored):
             number = indices[0] // batch
             if number % every == every - 1:
                 latents, captions = long
-                first = (number // every) * batch - number * batch  # long clips in order
-                picks = [(i + first) % len(captions) for i in indices]
+                # the (number // every)-th long batch: long clips in order
+                shift = (number // every - number) * batch
+                picks = [(i + shift) % len(captions) for i in indices]
         ids, mask = tokenizer([text(i, captions[p]) for i, p in zip(indices, picks, strict=True)])
         return {
             "latents": mx.array(latents[picks].astype(np.float32)),

@@ -82,15 +82,17 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     more = tmp_path / "more"
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
-    argv += ["--recycle-prob", "0.5", "--sink", "2", "--t-shift", "3"]
+    argv += ["--recycle-prob", "0.5", "--sink", "2", "--t-shift", "3", "--motion-weight", "2"]
     argv += ["--long-clips", "4", "--long-clip-frames", "17", "--long-every", "2"]
     assert default_model.main(argv) == 0
     # every second batch came from the long clips (17 frames: 5 latent frames)
     assert np.load(more / "long_latents.npz")["latents"].shape[:2] == (4, 5)
-    for stage in ("dit", "palette"):  # both stages recycle their context, at shifted levels
+    for stage in ("dit", "palette"):  # both stages recycle, at shifted levels, motion-weighted
         stage_run = json.loads((more / stage / "run.json").read_text())
         assert stage_run["recycle_prob"] == 0.5 and stage_run["shift"] == 3.0
-    assert json.loads((run / "dit" / "run.json").read_text())["shift"] == 1.0
+        assert stage_run["motion_weight"] == 2.0
+    first_run = json.loads((run / "dit" / "run.json").read_text())
+    assert first_run["shift"] == 1.0 and first_run["motion_weight"] == 0.0
     # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
     assert np.load(more / "latents.npz")["latents"].shape[1] == 4
     with pytest.raises(S2DiTError, match="not the 9 of 33-frame clips"):
@@ -245,6 +247,7 @@ BAD_SETTINGS = [
     ),
     (["--long-clip-frames", "80"], "--long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"),
     (["--t-shift", "0"], "--t-shift takes a finite number > 0 (got 0.0)"),
+    (["--motion-weight", "-1"], "--motion-weight takes a finite number >= 0 (got -1.0)"),
 ]
 
 

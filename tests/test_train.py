@@ -27,7 +27,14 @@ from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from train import checkpoint as ckpt_mod
 from train import rng
 from train.data import VideoEncoder, load_source, local_slice, shapes_source, tokenize
-from train.flow import FlowConfig, FlowModel, flow_matching_loss, make_flow_loss, sample_sigmas
+from train.flow import (
+    FlowConfig,
+    FlowModel,
+    flow_matching_loss,
+    make_flow_loss,
+    motion_weights,
+    sample_sigmas,
+)
 from train.grad_checkpoint import (
     disable_grad_checkpoint,
     enable_grad_checkpoint,
@@ -244,6 +251,64 @@ def test_recycled_context_is_the_models_own_prediction():
         FlowConfig(recycle_prob=1.5).validate()
     with pytest.raises(S2DiTError, match="recycle_max_sigma"):
         FlowConfig(recycle_max_sigma=0.0).validate()
+
+
+def moving_dot(frames: int = 4, size: int = 4) -> np.ndarray:
+    """[1, T, size, size, 2] latents: a flat background and a bright dot one pixel right per frame."""
+    x = np.full((1, frames, size, size, 2), 0.3, np.float32)
+    for f in range(frames):
+        x[0, f, 1, f % size] = 2.0
+    return x
+
+
+def test_motion_weights_favour_what_moves():
+    x0 = moving_dot()
+    w = np.array(motion_weights(mx.array(x0), 3.0))
+    assert w.shape == (1, 4, 4, 4) and abs(w.mean() - 1.0) < 1e-5  # mean 1 per sample
+    moving = np.zeros((4, 4, 4), bool)
+    for f in range(4):  # the dot's pixel, and where it was or will be a frame away
+        moving[f, 1, max(f - 1, 0) : f + 2] = True
+    assert w[0][moving].min() > 3 * w[0][~moving].max()
+    assert np.allclose(w[0][~moving], w[0][~moving][0])  # the static background: one weight
+    still = np.repeat(x0[:, :1], 4, axis=1)  # a static clip: all weights 1
+    assert np.allclose(np.array(motion_weights(mx.array(still), 3.0)), 1.0)
+
+
+def test_motion_weighted_loss():
+    """Weight 0 and a static clip give the plain MSE; on a moving clip, errors on the dot count."""
+    keys = rng.sample_keys(0, range(1))
+    ctx = mx.zeros((1, 3, 16))
+    base = dict(mode="streaming", clean_context_prob=0.0, t_dist="uniform")
+
+    def loss(x0, weight, model):
+        batch = {"latents": mx.array(x0), "context": ctx}
+        cfg = FlowConfig(**base, motion_weight=weight)
+        return float(flow_matching_loss(FlowModel(model), batch, keys, cfg))
+
+    dit = RecordingDiT(frames_per_chunk=1)
+    x0 = moving_dot()
+    still = np.repeat(x0[:, :1], 4, axis=1)
+    assert abs(loss(still, 3.0, dit) - loss(still, 0.0, dit)) < 1e-6
+    assert abs(loss(x0, 3.0, dit) - loss(x0, 0.0, dit)) > 1e-3
+    # A model exact but for one error: on the dot it costs more than on the background.
+
+    class OffBy(RecordingDiT):
+        def __init__(self, where):
+            super().__init__(frames_per_chunk=1)
+            self.where = where
+
+        def __call__(self, x, t, context, chunk_frames=None):
+            s = (t / 1000.0)[..., None, None, None]
+            eps = (x - (1 - s) * mx.array(x0)) / s
+            return eps - mx.array(x0) + mx.array(self.where)
+
+    on_dot, on_background = np.zeros_like(x0), np.zeros_like(x0)
+    on_dot[0, 2, 1, 2], on_background[0, 2, 3, 3] = 1.0, 1.0
+    plain = loss(x0, 0.0, OffBy(on_dot))
+    assert abs(plain - loss(x0, 0.0, OffBy(on_background))) < 1e-6
+    assert loss(x0, 3.0, OffBy(on_dot)) > 2 * plain > 4 * loss(x0, 3.0, OffBy(on_background))
+    with pytest.raises(S2DiTError, match="motion_weight"):
+        FlowConfig(motion_weight=-1.0).validate()
 
 
 def test_bidirectional_objective_one_level_per_sample():

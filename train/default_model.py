@@ -15,11 +15,12 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
     python -m train.default_model --out runs/default --install
 
-The shipped model is one run and nine continuations (--init) of it, on the shipped VAE
-(this recipe's VAE stage); about 5 h 15 min on 2 CPU cores and 13 minutes on one H100 (MLX's
+The shipped model is one run and ten continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage); about 5 h 55 min on 2 CPU cores and 13 minutes on one H100 (MLX's
 CUDA backend, g2 and g3). The first three runs predate --background-dropout; w5 and the GPU
 runs train on 5 s clips, whose motions stop after 2 s; g4 and g6, back on 2 s clips, bring
-the motion back, and g9, on both, the long streams (README):
+the motion back, g9, on both, the long streams, and m1, with the motion-weighted loss, the
+motion goal (README):
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -47,7 +48,11 @@ the motion back, and g9, on both, the long streams (README):
     mkdir -p runs/g9 && cp runs/w5/latents.npz runs/g9/long_latents.npz
     python -m train.default_model --out runs/g9 --init runs/g6/model --sink 1 --stream-sink 0 \
         --seed 27 --clips 8000 --clip-frames 33 --long-clips 4000 --long-every 3 \
-        --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --install
+        --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3
+    python -m train.default_model --out runs/m1 --init runs/g9/model --sink 1 --stream-sink 0 \
+        --seed 30 --clips 8000 --clip-frames 33 --long-clips 4000 --long-every 3 \
+        --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --motion-weight 2 \
+        --install
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
 the saved folder's layout): 10 s streams stay coherent longer (README).
@@ -465,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "long streams worse, see the README) (default 0: off)",
     )
     p.add_argument(
+        "--motion-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight where the clip moves (train.dit --motion-weight) (default 0)",
+    )
+    p.add_argument(
         "--sink",
         type=int,
         help="first chunks every later chunk's softmax attention keeps seeing, in training "
@@ -512,7 +523,8 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
         "train.default_model:latents_source", "--mode", "streaming", "--train-text-encoder",
         "--batch-size", str(args.batch_size), "--clean-context-prob", "0.5",
         "--t-dist", "logit_normal", "--shift", str(args.t_shift),
-        "--recycle-prob", str(args.recycle_prob), *settings,
+        "--recycle-prob", str(args.recycle_prob), "--motion-weight", str(args.motion_weight),
+        *settings,
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
@@ -557,6 +569,8 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError(f"--workers takes a number of processes >= 1 (got {args.workers})")
     if not 0 <= args.recycle_prob <= 1:
         raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
+    if not (args.motion_weight >= 0 and math.isfinite(args.motion_weight)):
+        raise S2DiTError(f"--motion-weight takes a finite number >= 0 (got {args.motion_weight})")
     if not (args.t_shift > 0 and math.isfinite(args.t_shift)):
         raise S2DiTError(f"--t-shift takes a finite number > 0 (got {args.t_shift})")
     if args.init and not (Path(args.init) / "config.json").is_file():

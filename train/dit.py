@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0.5)",
     )
     g.add_argument(
+        "--motion-weight",
+        type=float,
+        metavar="A",
+        default=0.0,
+        help="weight each latent position's error by 1 + A x (how much the clean latent changes "
+        "there between frames, over its mean), so moving objects count more than the static "
+        "background (default 0: plain MSE)",
+    )
+    g.add_argument(
         "--train-text-encoder", action="store_true", help="train the text encoder jointly"
     )
 
@@ -356,6 +365,7 @@ def run(args: argparse.Namespace) -> Trainer:
         clean_context_prob=args.clean_context_prob,
         recycle_prob=args.recycle_prob,
         recycle_max_sigma=args.recycle_max_sigma,
+        motion_weight=args.motion_weight,
     )
     train_cfg = TrainConfig(
         steps=args.steps,

@@ -49,6 +49,7 @@ class FlowConfig:
     clean_context_prob: float = 0.25
     recycle_prob: float = 0.0
     recycle_max_sigma: float = 0.5
+    motion_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise S2DiTError on an unknown mode or distribution or a bad number."""
@@ -66,6 +67,8 @@ class FlowConfig:
             raise S2DiTError("recycle_prob must be in [0, 1]")
         if not 0 < self.recycle_max_sigma <= 1:
             raise S2DiTError("recycle_max_sigma must be in (0, 1]")
+        if not (math.isfinite(self.motion_weight) and self.motion_weight >= 0):
+            raise S2DiTError(f"motion_weight must be a number >= 0, got {self.motion_weight!r}")
         if self.frames_per_chunk is not None and self.frames_per_chunk < 1:
             raise S2DiTError("frames_per_chunk must be at least 1")
 
@@ -151,9 +154,29 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
         x_t = _recycle_context(dit, x0, x_t, context, keys, clean, frame_chunk, k, cfg)
     v = dit(x_t, t, context, chunk_frames=k if streaming else None)
     target = eps - x0
-    err = ((v.astype(mx.float32) - target.astype(mx.float32)) ** 2).mean(axis=(2, 3, 4))  # [B, T]
+    sq = (v.astype(mx.float32) - target.astype(mx.float32)) ** 2  # [B, T, H, W, C]
+    if cfg.motion_weight > 0:
+        w = motion_weights(x0, cfg.motion_weight)
+        err = (sq * w[..., None]).mean(axis=(2, 3, 4))
+    else:
+        err = sq.mean(axis=(2, 3, 4))  # [B, T]
     per_sample = (err * keep).sum(axis=1) / mx.maximum(keep.sum(axis=1), 1.0)
     return per_sample.mean()
+
+
+def motion_weights(x0: mx.array, strength: float) -> mx.array:
+    """Per-position loss weights [B, T, H, W], mean 1 per sample, larger where x0 changes."""
+    x = x0.astype(mx.float32)
+    b, frames = x.shape[:2]
+    if frames < 2:
+        return mx.ones(x.shape[:4])
+    step = mx.abs(x[:, 1:] - x[:, :-1]).mean(axis=-1)  # [B, T-1, H, W]: change frame f -> f+1
+    before = mx.concatenate([step[:, :1], step], axis=1)  # frame 0 reuses its next change
+    after = mx.concatenate([step, step[:, -1:]], axis=1)
+    change = mx.stop_gradient(mx.maximum(before, after))
+    scale = change.mean(axis=(1, 2, 3), keepdims=True)
+    w = 1.0 + strength * change / mx.maximum(scale, 1e-6)
+    return w / w.mean(axis=(1, 2, 3), keepdims=True)
 
 
 def _recycle_context(dit, x0, x_t, context, keys, clean, frame_chunk, k, cfg) -> mx.array:

@@ -167,8 +167,7 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
 def motion_weights(x0: mx.array, strength: float) -> mx.array:
     """Per-position loss weights [B, T, H, W], mean 1 per sample, larger where x0 changes."""
     x = x0.astype(mx.float32)
-    b, frames = x.shape[:2]
-    if frames < 2:
+    if x.shape[1] < 2:
         return mx.ones(x.shape[:4])
     step = mx.abs(x[:, 1:] - x[:, :-1]).mean(axis=-1)  # [B, T-1, H, W]: change frame f -> f+1
     before = mx.concatenate([step[:, :1], step], axis=1)  # frame 0 reuses its next change

@@ -290,9 +290,10 @@ def test_motion_weighted_loss():
     still = np.repeat(x0[:, :1], 4, axis=1)
     assert abs(loss(still, 3.0, dit) - loss(still, 0.0, dit)) < 1e-6
     assert abs(loss(x0, 3.0, dit) - loss(x0, 0.0, dit)) > 1e-3
-    # A model exact but for one error: on the dot it costs more than on the background.
 
     class OffBy(RecordingDiT):
+        """Exact but for one error, `where`: on the dot it costs more than on the background."""
+
         def __init__(self, where):
             super().__init__(frames_per_chunk=1)
             self.where = where

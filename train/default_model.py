@@ -186,11 +186,11 @@ def encode_latents(
     same for any number); this process encodes them in order.
     """
     if path.exists():
-        cached = np.load(path)["latents"]
-        if cached.shape[1] != vae.num_latent_frames(frames):
+        cached, wanted = np.load(path)["latents"], vae.num_latent_frames(frames)
+        if cached.shape[1] != wanted:
             raise S2DiTError(
                 f"{path} holds clips of {cached.shape[1]} latent frames, not the "
-                f"{vae.num_latent_frames(frames)} of {frames}-frame clips; use a new --out"
+                f"{wanted} of {frames}-frame clips; use a new --out"
             )
         return path
     data = ShapesDataset(

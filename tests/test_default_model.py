@@ -83,6 +83,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     argv = ["--out", str(more), "--init", str(run / "model"), "--clips", "8", "--seed", "1"]
     argv += ["--steps", "2", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
     argv += ["--recycle-prob", "0.5", "--sink", "2", "--t-shift", "3", "--motion-weight", "2"]
+    argv += ["--object-weight", "1.5"]
     argv += ["--long-clips", "4", "--long-clip-frames", "17", "--long-every", "2"]
     assert default_model.main(argv) == 0
     # every second batch came from the long clips (17 frames: 5 latent frames)
@@ -90,9 +91,10 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     for stage in ("dit", "palette"):  # both stages recycle, at shifted levels, motion-weighted
         stage_run = json.loads((more / stage / "run.json").read_text())
         assert stage_run["recycle_prob"] == 0.5 and stage_run["shift"] == 3.0
-        assert stage_run["motion_weight"] == 2.0
+        assert stage_run["motion_weight"] == 2.0 and stage_run["object_weight"] == 1.5
     first_run = json.loads((run / "dit" / "run.json").read_text())
     assert first_run["shift"] == 1.0 and first_run["motion_weight"] == 0.0
+    assert first_run["object_weight"] == 0.0
     # Longer clips (13 frames: 4 latent frames, two chunks); a cache of other clips is refused.
     assert np.load(more / "latents.npz")["latents"].shape[1] == 4
     with pytest.raises(S2DiTError, match="not the 9 of 33-frame clips"):
@@ -248,6 +250,7 @@ BAD_SETTINGS = [
     (["--long-clip-frames", "80"], "--long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"),
     (["--t-shift", "0"], "--t-shift takes a finite number > 0 (got 0.0)"),
     (["--motion-weight", "-1"], "--motion-weight takes a finite number >= 0 (got -1.0)"),
+    (["--object-weight", "inf"], "--object-weight takes a finite number >= 0 (got inf)"),
 ]
 
 

@@ -32,7 +32,7 @@ from train.flow import (
     FlowModel,
     flow_matching_loss,
     make_flow_loss,
-    motion_weights,
+    position_weights,
     sample_sigmas,
 )
 from train.grad_checkpoint import (
@@ -263,7 +263,7 @@ def moving_dot(frames: int = 4, size: int = 4) -> np.ndarray:
 
 def test_motion_weights_favour_what_moves():
     x0 = moving_dot()
-    w = np.array(motion_weights(mx.array(x0), 3.0))
+    w = np.array(position_weights(mx.array(x0), 3.0))
     assert w.shape == (1, 4, 4, 4) and abs(w.mean() - 1.0) < 1e-5  # mean 1 per sample
     moving = np.zeros((4, 4, 4), bool)
     for f in range(4):  # the dot's pixel, and where it was or will be a frame away
@@ -271,7 +271,28 @@ def test_motion_weights_favour_what_moves():
     assert w[0][moving].min() > 3 * w[0][~moving].max()
     assert np.allclose(w[0][~moving], w[0][~moving][0])  # the static background: one weight
     still = np.repeat(x0[:, :1], 4, axis=1)  # a static clip: all weights 1
-    assert np.allclose(np.array(motion_weights(mx.array(still), 3.0)), 1.0)
+    assert np.allclose(np.array(position_weights(mx.array(still), 3.0)), 1.0)
+
+
+def test_object_weights_keep_a_stopped_object():
+    """The presence term weights the dot where it is, moving or not, over a uniform background."""
+    x0 = moving_dot()
+    still = np.repeat(x0[:, :1], 4, axis=1)  # the dot parked at (1, 0)
+    w = np.array(position_weights(mx.array(still), 3.0, 2.0))
+    assert abs(w.mean() - 1.0) < 1e-5
+    dot = np.zeros((4, 4, 4), bool)
+    dot[:, 1, 0] = True
+    assert w[0][dot].min() > 3 * w[0][~dot].max()
+    assert np.allclose(w[0][~dot], w[0][~dot][0])
+    # Presence alone on the moving clip: the dot's current pixel only, not where it was.
+    w = np.array(position_weights(mx.array(x0), 0.0, 2.0))
+    here = np.zeros((4, 4, 4), bool)
+    for f in range(4):
+        here[f, 1, f] = True
+    assert w[0][here].min() > 3 * w[0][~here].max()
+    assert np.allclose(w[0][~here], w[0][~here][0])
+    # A blank clip has nothing to weight.
+    assert np.allclose(np.array(position_weights(mx.ones((1, 3, 4, 4, 2)), 0.0, 2.0)), 1.0)
 
 
 def test_motion_weighted_loss():
@@ -280,9 +301,9 @@ def test_motion_weighted_loss():
     ctx = mx.zeros((1, 3, 16))
     base = dict(mode="streaming", clean_context_prob=0.0, t_dist="uniform")
 
-    def loss(x0, weight, model):
+    def loss(x0, weight, model, presence=0.0):
         batch = {"latents": mx.array(x0), "context": ctx}
-        cfg = FlowConfig(**base, motion_weight=weight)
+        cfg = FlowConfig(**base, motion_weight=weight, object_weight=presence)
         return float(flow_matching_loss(FlowModel(model), batch, keys, cfg))
 
     dit = RecordingDiT(frames_per_chunk=1)
@@ -308,8 +329,14 @@ def test_motion_weighted_loss():
     plain = loss(x0, 0.0, OffBy(on_dot))
     assert abs(plain - loss(x0, 0.0, OffBy(on_background))) < 1e-6
     assert loss(x0, 3.0, OffBy(on_dot)) > 2 * plain > 4 * loss(x0, 3.0, OffBy(on_background))
+    # The presence weight alone, on the same errors: the dot counts more, the background less.
+    assert (
+        loss(x0, 0.0, OffBy(on_dot), 3.0) > 2 * plain > 4 * loss(x0, 0.0, OffBy(on_background), 3.0)
+    )
     with pytest.raises(S2DiTError, match="motion_weight"):
         FlowConfig(motion_weight=-1.0).validate()
+    with pytest.raises(S2DiTError, match="object_weight"):
+        FlowConfig(object_weight=float("nan")).validate()
 
 
 def test_bidirectional_objective_one_level_per_sample():

@@ -476,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra loss weight where the clip moves (train.dit --motion-weight) (default 0)",
     )
     p.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight where the object is, moving or not (train.dit --object-weight) "
+        "(default 0)",
+    )
+    p.add_argument(
         "--sink",
         type=int,
         help="first chunks every later chunk's softmax attention keeps seeing, in training "
@@ -524,7 +531,7 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
         "--batch-size", str(args.batch_size), "--clean-context-prob", "0.5",
         "--t-dist", "logit_normal", "--shift", str(args.t_shift),
         "--recycle-prob", str(args.recycle_prob), "--motion-weight", str(args.motion_weight),
-        *settings,
+        "--object-weight", str(args.object_weight), *settings,
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
@@ -571,6 +578,8 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
     if not (args.motion_weight >= 0 and math.isfinite(args.motion_weight)):
         raise S2DiTError(f"--motion-weight takes a finite number >= 0 (got {args.motion_weight})")
+    if not (args.object_weight >= 0 and math.isfinite(args.object_weight)):
+        raise S2DiTError(f"--object-weight takes a finite number >= 0 (got {args.object_weight})")
     if not (args.t_shift > 0 and math.isfinite(args.t_shift)):
         raise S2DiTError(f"--t-shift takes a finite number > 0 (got {args.t_shift})")
     if args.init and not (Path(args.init) / "config.json").is_file():

@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "background (default 0: plain MSE)",
     )
     g.add_argument(
+        "--object-weight",
+        type=float,
+        metavar="B",
+        default=0.0,
+        help="add B x (how far the clean latent is from its frame's background there, over its "
+        "mean) to those weights, so an object counts more than the background even once it "
+        "has stopped (default 0)",
+    )
+    g.add_argument(
         "--train-text-encoder", action="store_true", help="train the text encoder jointly"
     )
 
@@ -366,6 +375,7 @@ def run(args: argparse.Namespace) -> Trainer:
         recycle_prob=args.recycle_prob,
         recycle_max_sigma=args.recycle_max_sigma,
         motion_weight=args.motion_weight,
+        object_weight=args.object_weight,
     )
     train_cfg = TrainConfig(
         steps=args.steps,

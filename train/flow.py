@@ -16,6 +16,9 @@ x_s = (1 - s) x0 + s eps, the model is called with t = 1000 s and regresses v = 
   [0, recycle_max_sigma], and one gradient-free pass predicts x0 from it. The later chunks still
   regress the ground truth, so the model learns to restore a degraded context instead of
   copying it.
+- position weights (`motion_weight`, `object_weight`): an object covers a few latent pixels, so
+  the plain MSE is mostly background. Each position's error can be weighted up where the clean
+  clip moves and where it differs from its frame's background (see `position_weights`).
 
 All randomness comes from per-sample keys (train.rng), so a sample's noise does not depend on
 how the batch is split across processes or on where a run was resumed.
@@ -50,6 +53,7 @@ class FlowConfig:
     recycle_prob: float = 0.0
     recycle_max_sigma: float = 0.5
     motion_weight: float = 0.0
+    object_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise S2DiTError on an unknown mode or distribution or a bad number."""
@@ -69,6 +73,8 @@ class FlowConfig:
             raise S2DiTError("recycle_max_sigma must be in (0, 1]")
         if not (math.isfinite(self.motion_weight) and self.motion_weight >= 0):
             raise S2DiTError(f"motion_weight must be a number >= 0, got {self.motion_weight!r}")
+        if not (math.isfinite(self.object_weight) and self.object_weight >= 0):
+            raise S2DiTError(f"object_weight must be a number >= 0, got {self.object_weight!r}")
         if self.frames_per_chunk is not None and self.frames_per_chunk < 1:
             raise S2DiTError("frames_per_chunk must be at least 1")
 
@@ -155,8 +161,8 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
     v = dit(x_t, t, context, chunk_frames=k if streaming else None)
     target = eps - x0
     sq = (v.astype(mx.float32) - target.astype(mx.float32)) ** 2  # [B, T, H, W, C]
-    if cfg.motion_weight > 0:
-        w = motion_weights(x0, cfg.motion_weight)
+    if cfg.motion_weight > 0 or cfg.object_weight > 0:
+        w = position_weights(x0, cfg.motion_weight, cfg.object_weight)
         err = (sq * w[..., None]).mean(axis=(2, 3, 4))
     else:
         err = sq.mean(axis=(2, 3, 4))  # [B, T]
@@ -164,17 +170,31 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
     return per_sample.mean()
 
 
-def motion_weights(x0: mx.array, strength: float) -> mx.array:
-    """Per-position loss weights [B, T, H, W], mean 1 per sample, larger where x0 changes."""
-    x = x0.astype(mx.float32)
-    if x.shape[1] < 2:
-        return mx.ones(x.shape[:4])
-    step = mx.abs(x[:, 1:] - x[:, :-1]).mean(axis=-1)  # [B, T-1, H, W]: change frame f -> f+1
-    before = mx.concatenate([step[:, :1], step], axis=1)  # frame 0 reuses its next change
-    after = mx.concatenate([step, step[:, -1:]], axis=1)
-    change = mx.stop_gradient(mx.maximum(before, after))
-    scale = change.mean(axis=(1, 2, 3), keepdims=True)
-    w = 1.0 + strength * change / mx.maximum(scale, 1e-6)
+def position_weights(x0: mx.array, motion: float, presence: float = 0.0) -> mx.array:
+    """Per-position loss weights [B, T, H, W], mean 1 per sample: more on what moves and what is there.
+
+    w = 1 + motion x change / mean(change) + presence x deviation / mean(deviation), where change
+    is how much the clean latent changes at a position between neighbouring frames and deviation
+    how far it is from its frame's background (the median over positions, per channel): an
+    object that has stopped no longer changes, but it still stands out from the background.
+    """
+    x = mx.stop_gradient(x0.astype(mx.float32))
+    b, frames, h, wd, c = x.shape
+    w = mx.ones((b, frames, h, wd))
+
+    def scaled(v: mx.array) -> mx.array:
+        return v / mx.maximum(v.mean(axis=(1, 2, 3), keepdims=True), 1e-6)
+
+    if motion > 0 and frames > 1:
+        step = mx.abs(x[:, 1:] - x[:, :-1]).mean(axis=-1)  # [B, T-1, H, W]: change f -> f+1
+        before = mx.concatenate([step[:, :1], step], axis=1)  # frame 0 reuses its next change
+        after = mx.concatenate([step, step[:, -1:]], axis=1)
+        w = w + motion * scaled(mx.maximum(before, after))
+    if presence > 0:
+        flat = mx.sort(x.reshape(b, frames, h * wd, c), axis=2)
+        n = h * wd
+        median = 0.5 * (flat[:, :, (n - 1) // 2] + flat[:, :, n // 2])  # [B, T, C]
+        w = w + presence * scaled(mx.abs(x - median[:, :, None, None]).mean(axis=-1))
     return w / w.mean(axis=(1, 2, 3), keepdims=True)
 
 

@@ -171,7 +171,7 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
 
 
 def position_weights(x0: mx.array, motion: float, presence: float = 0.0) -> mx.array:
-    """Per-position loss weights [B, T, H, W], mean 1 per sample: more on what moves and what is there.
+    """Per-position loss weights [B, T, H, W], mean 1 per sample: more where x0 moves or stands out.
 
     w = 1 + motion x change / mean(change) + presence x deviation / mean(deviation), where change
     is how much the clean latent changes at a position between neighbouring frames and deviation
@@ -179,8 +179,8 @@ def position_weights(x0: mx.array, motion: float, presence: float = 0.0) -> mx.a
     object that has stopped no longer changes, but it still stands out from the background.
     """
     x = mx.stop_gradient(x0.astype(mx.float32))
-    b, frames, h, wd, c = x.shape
-    w = mx.ones((b, frames, h, wd))
+    b, frames, height, width, c = x.shape
+    w = mx.ones((b, frames, height, width))
 
     def scaled(v: mx.array) -> mx.array:
         return v / mx.maximum(v.mean(axis=(1, 2, 3), keepdims=True), 1e-6)
@@ -191,8 +191,8 @@ def position_weights(x0: mx.array, motion: float, presence: float = 0.0) -> mx.a
         after = mx.concatenate([step, step[:, -1:]], axis=1)
         w = w + motion * scaled(mx.maximum(before, after))
     if presence > 0:
-        flat = mx.sort(x.reshape(b, frames, h * wd, c), axis=2)
-        n = h * wd
+        n = height * width
+        flat = mx.sort(x.reshape(b, frames, n, c), axis=2)
         median = 0.5 * (flat[:, :, (n - 1) // 2] + flat[:, :, n // 2])  # [B, T, C]
         w = w + presence * scaled(mx.abs(x - median[:, :, None, None]).mean(axis=-1))
     return w / w.mean(axis=(1, 2, 3), keepdims=True)

@@ -88,7 +88,7 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
     assert default_model.main(argv) == 0
     # every second batch came from the long clips (17 frames: 5 latent frames)
     assert np.load(more / "long_latents.npz")["latents"].shape[:2] == (4, 5)
-    for stage in ("dit", "palette"):  # both stages recycle, at shifted levels, motion-weighted
+    for stage in ("dit", "palette"):  # both stages recycle, at shifted levels, position-weighted
         stage_run = json.loads((more / stage / "run.json").read_text())
         assert stage_run["recycle_prob"] == 0.5 and stage_run["shift"] == 3.0
         assert stage_run["motion_weight"] == 2.0 and stage_run["object_weight"] == 1.5

@@ -588,10 +588,12 @@ def run(args: argparse.Namespace) -> Path:
         raise S2DiTError(f"--workers takes a number of processes >= 1 (got {args.workers})")
     if not 0 <= args.recycle_prob <= 1:
         raise S2DiTError("--recycle-prob takes a probability in [0, 1]")
-    if not (args.motion_weight >= 0 and math.isfinite(args.motion_weight)):
-        raise S2DiTError(f"--motion-weight takes a finite number >= 0 (got {args.motion_weight})")
-    if not (args.object_weight >= 0 and math.isfinite(args.object_weight)):
-        raise S2DiTError(f"--object-weight takes a finite number >= 0 (got {args.object_weight})")
+    for flag, weight in (
+        ("--motion-weight", args.motion_weight),
+        ("--object-weight", args.object_weight),
+    ):
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise S2DiTError(f"{flag} takes a finite number >= 0 (got {weight})")
     if not (args.t_shift > 0 and math.isfinite(args.t_shift)):
         raise S2DiTError(f"--t-shift takes a finite number > 0 (got {args.t_shift})")
     if args.init and not (Path(args.init) / "config.json").is_file():

@@ -162,10 +162,8 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
     target = eps - x0
     sq = (v.astype(mx.float32) - target.astype(mx.float32)) ** 2  # [B, T, H, W, C]
     if cfg.motion_weight > 0 or cfg.object_weight > 0:
-        w = position_weights(x0, cfg.motion_weight, cfg.object_weight)
-        err = (sq * w[..., None]).mean(axis=(2, 3, 4))
-    else:
-        err = sq.mean(axis=(2, 3, 4))  # [B, T]
+        sq = sq * position_weights(x0, cfg.motion_weight, cfg.object_weight)[..., None]
+    err = sq.mean(axis=(2, 3, 4))  # [B, T]
     per_sample = (err * keep).sum(axis=1) / mx.maximum(keep.sum(axis=1), 1.0)
     return per_sample.mean()
 

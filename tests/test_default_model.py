@@ -128,6 +128,14 @@ def test_default_model_recipe_end_to_end(tmp_path, capsys, monkeypatch):
         run / "model" / "text_encoder" / "tokenizer.json"
     ).read_text()
 
+    # --steps 0 skips the DiT stage: the palette stage alone fine-tunes the --init folder.
+    snap = tmp_path / "snap"
+    argv = ["--out", str(snap), "--init", str(more / "model"), "--clips", "8", "--seed", "2"]
+    argv += ["--steps", "0", "--batch-size", "2", "--palette-steps", "2", "--clip-frames", "13"]
+    assert default_model.main(argv) == 0
+    assert not (snap / "dit").exists() and (snap / "palette" / "loss.json").exists()
+    assert load_model(snap / "model").defaults == default_model.DEFAULTS
+
 
 def test_default_model_recipe_rejects_bad_init(tmp_path, capsys):
     from train import default_model
@@ -251,6 +259,10 @@ BAD_SETTINGS = [
     (["--t-shift", "0"], "--t-shift takes a finite number > 0 (got 0.0)"),
     (["--motion-weight", "-1"], "--motion-weight takes a finite number >= 0 (got -1.0)"),
     (["--object-weight", "inf"], "--object-weight takes a finite number >= 0 (got inf)"),
+    (
+        ["--steps", "0"],
+        "--steps takes a count >= 1, or 0 with --init to skip the DiT stage (got 0)",
+    ),
 ]
 
 

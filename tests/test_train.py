@@ -662,6 +662,86 @@ def test_adapter_onto_model_folder_and_fuse_cli(tmp_path, tiny_model_dir):
     assert np.abs(out - unfused).max() <= 1e-5
 
 
+def _soup_ingredients(tmp_path):
+    """Three tiny model folders: a and b share a VAE, c has its own."""
+    from conftest import TINY_DEFAULTS, make_tiny_components
+
+    from s2dit_mlx.loading import save_model
+
+    dit_a, vae, text_a = make_tiny_components(seed=0)
+    dit_b, _, text_b = make_tiny_components(seed=1)
+    dit_c, vae_c, text_c = make_tiny_components(seed=2)
+    save_model(tmp_path / "a", dit_a, vae, text_a, defaults=TINY_DEFAULTS)
+    save_model(tmp_path / "b", dit_b, vae, text_b, defaults={**TINY_DEFAULTS, "guidance": 4.0})
+    save_model(tmp_path / "c", dit_c, vae_c, text_c, defaults=TINY_DEFAULTS)
+    return [load_model(tmp_path / n) for n in "abc"]
+
+
+def test_average_cli_writes_the_weighted_mean(tmp_path, capsys):
+    from train import average
+
+    a, b, _ = _soup_ingredients(tmp_path)
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "3", "1"]
+    assert average.main([*argv, "--out", str(tmp_path / "soup")]) == 0, capsys.readouterr().err
+    soup = load_model(tmp_path / "soup")
+    assert soup.defaults == a.defaults  # the first folder's sampling defaults
+    for kind in ("dit", "text_encoder"):
+        mine, first = (dict(tree_flatten(getattr(m, kind).parameters())) for m in (soup, a))
+        second = dict(tree_flatten(getattr(b, kind).parameters()))
+        assert mine.keys() == first.keys()
+        for name, value in mine.items():
+            want = 0.75 * np.array(first[name]) + 0.25 * np.array(second[name])
+            assert np.abs(np.array(value) - want).max() <= 1e-6, name
+        assert any(not np.allclose(np.array(mine[n]), np.array(first[n])) for n in mine)
+    for name, value in tree_flatten(soup.vae.parameters()):
+        assert np.array_equal(
+            np.array(value), np.array(dict(tree_flatten(a.vae.parameters()))[name])
+        )
+    # Equal weights by default, in any order of the folders.
+    out_ab, out_ba = tmp_path / "ab", tmp_path / "ba"
+    assert average.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out_ab)]) == 0
+    assert average.main([str(tmp_path / "b"), str(tmp_path / "a"), "--out", str(out_ba)]) == 0
+    x = mx.random.normal((1, 3, 4, 8, 4), key=mx.random.key(0))
+    t, ctx = mx.array([500.0]), mx.random.normal((1, 5, 16), key=mx.random.key(1))
+    ab, ba = (np.array(load_model(p).dit(x, t, ctx)) for p in (out_ab, out_ba))
+    assert np.abs(ab - ba).max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("models", "flags", "message"),
+    [
+        ("ac", [], "/a have different VAEs"),
+        ("a", [], "give two or more model folders to average"),
+        ("ab", ["--weights", "1"], "--weights takes one number per model (2), got 1"),
+        ("ab", ["--weights", "1", "-1"], "--weights takes finite numbers >= 0"),
+        ("ab", ["--weights", "0", "0"], "--weights takes finite numbers >= 0"),
+        ("ax", [], "model folder"),
+    ],
+)
+def test_average_cli_refuses_bad_input(tmp_path, capsys, models, flags, message):
+    """One error line, exit 2, and no output folder."""
+    from train import average
+
+    _soup_ingredients(tmp_path)
+    argv = [str(tmp_path / m) for m in models] + flags + ["--out", str(tmp_path / "soup")]
+    assert average.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "soup").exists()
+
+
+def test_average_refuses_other_architectures(tmp_path):
+    from train.average import check_averageable
+
+    a, b, _ = _soup_ingredients(tmp_path)
+    b.config["dit"] = {**b.config["dit"], "dim": 64}
+    with pytest.raises(S2DiTError, match="different dit configs"):
+        check_averageable([a, b], ["a", "b"])
+    b.config = {**a.config, "quantization": {"group_size": 32, "bits": 4}}
+    with pytest.raises(S2DiTError, match="quantized"):
+        check_averageable([a, b], ["a", "b"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 

@@ -445,7 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes drawing the training clips (the same clips for any number; drawing "
         "them is most of the encoding time when a GPU encodes) (default 1)",
     )
-    p.add_argument("--steps", type=int, default=3000, help="DiT training steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3000,
+        help="DiT training steps (0 with --init: skip the DiT stage, e.g. to run only the "
+        "palette stage on a folder from train.average)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT (0: off)")
@@ -596,6 +602,10 @@ def run(args: argparse.Namespace) -> Path:
             raise S2DiTError(f"{flag} takes a finite number >= 0 (got {weight})")
     if not (args.t_shift > 0 and math.isfinite(args.t_shift)):
         raise S2DiTError(f"--t-shift takes a finite number > 0 (got {args.t_shift})")
+    if args.steps < 0 or (args.steps == 0 and not args.init):
+        raise S2DiTError(
+            f"--steps takes a count >= 1, or 0 with --init to skip the DiT stage (got {args.steps})"
+        )
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
     out = Path(args.out)
@@ -640,7 +650,7 @@ def run(args: argparse.Namespace) -> Path:
         "--steps", str(args.steps), "--lr", str(args.lr), "--warmup", "100",
         "--checkpoint-every", "250", "--seed", str(args.seed), "--ema", str(args.ema),
     ]  # fmt: skip
-    trained = dit_stage(args, init, out / "dit", settings)
+    trained = dit_stage(args, init, out / "dit", settings) if args.steps else init
     if args.palette_steps:
         trained = palette_stage(args, out, trained)
     # The recipe's sampling defaults, also when --init started from a folder with others.

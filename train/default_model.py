@@ -15,12 +15,14 @@ hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
 
     python -m train.default_model --out runs/default --install
 
-The shipped model is one run and thirteen continuations (--init) of it, on the shipped VAE
-(this recipe's VAE stage); about 7 h 25 min on 2 CPU cores and 13 minutes on one H100 (MLX's
-CUDA backend, g2 and g3). The first three runs predate --background-dropout; w5 and the GPU
-runs train on 5 s clips, whose motions stop after 2 s; g4 and g6, back on 2 s clips, bring
-the motion back, g9, on both, the long streams, m1, with the motion-weighted loss, the
-motion, and o1-o3, with the object weight as well, the 10 s coherence (README):
+The shipped model is one run and twelve continuations (--init) of it, on the shipped VAE
+(this recipe's VAE stage), and the average of the last two (train.average); about 7 h 7 min
+on 2 CPU cores and 13 minutes on one H100 (MLX's CUDA backend, g2 and g3). The first three
+runs predate --background-dropout; w5 and the GPU runs train on 5 s clips, whose motions
+stop after 2 s; g4 and g6, back on 2 s clips, bring the motion back, g9, on both, the long
+streams, m1, with the motion-weighted loss, the motion, o1 and o2, with the object weight as
+well, the 10 s coherence, and their average keeps o1's motion and most of o2's coherence
+(README):
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -60,11 +62,8 @@ motion, and o1-o3, with the object weight as well, the 10 s coherence (README):
         --seed 32 --clips 8000 --clip-frames 33 --long-clips 4000 --long-every 2 \
         --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --motion-weight 2 \
         --object-weight 3
-    mkdir -p runs/o3 && cp runs/o2/latents.npz runs/o2/long_latents.npz runs/o3/
-    python -m train.default_model --out runs/o3 --init runs/o2/model --sink 1 --stream-sink 0 \
-        --seed 33 --clips 8000 --clip-frames 33 --long-clips 4000 --long-every 3 \
-        --batch-size 8 --steps 1000 --lr 1e-4 --ema 0.999 --t-shift 3 --motion-weight 2 \
-        --object-weight 3 --install
+    python -m train.average runs/o2/model runs/o1/model --weights 0.7 0.3 \
+        --out s2dit_mlx/assets/default
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
 the saved folder's layout): 10 s streams stay coherent longer (README).

@@ -24,10 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.loading import ModelBundle, load_model, save_model
-
-EXIT_ERROR = 2
 
 
 def _tokenizer_file(bundle: ModelBundle) -> str | None:
@@ -114,23 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    try:
-        args = build_parser().parse_args(argv)
-        if len(args.models) < 2:
-            raise S2DiTError("give two or more model folders to average")
-        weights = normalised_weights(args.weights, len(args.models))
-        bundles = [load_model(m) for m in args.models]
-        check_averageable(bundles, args.models)
-        soup = average_models(bundles, weights)
-        path = save_model(args.out, soup.dit, soup.vae, soup.text_encoder, soup.defaults)
-        parts = ", ".join(f"{w:.3f} x {m}" for w, m in zip(weights, args.models, strict=True))
-        print(f"wrote {path} = {parts}", file=sys.stderr)
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except S2DiTError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_cli(lambda: average_cli(build_parser().parse_args(argv)))
+
+
+def average_cli(args: argparse.Namespace) -> None:
+    """Average the named folders into --out."""
+    if len(args.models) < 2:
+        raise S2DiTError("give two or more model folders to average")
+    weights = normalised_weights(args.weights, len(args.models))
+    bundles = [load_model(m) for m in args.models]
+    check_averageable(bundles, args.models)
+    soup = average_models(bundles, weights)
+    path = save_model(args.out, soup.dit, soup.vae, soup.text_encoder, soup.defaults)
+    parts = ", ".join(f"{w:.3f} x {m}" for w, m in zip(weights, args.models, strict=True))
+    print(f"wrote {path} = {parts}", file=sys.stderr)
 
 
 if __name__ == "__main__":

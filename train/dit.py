@@ -24,7 +24,7 @@ import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import S2DiTError, run_cli
 
 from .checkpoint import latest_checkpoint
 from .data import VideoEncoder, load_source
@@ -32,8 +32,6 @@ from .flow import T_DISTS, FlowConfig, FlowModel, make_flow_loss
 from .lora import DEFAULT_LAYERS, LoRAConfig, apply_lora, save_adapters, weights_hash
 from .palette import PALETTE_BITS, palette_aware_loss, palette_targets, snap_weights
 from .trainer import SCHEDULES, TrainConfig, Trainer, write_run_config
-
-EXIT_ERROR = 2
 
 EPILOG = """\
 examples:
@@ -461,13 +459,7 @@ def _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, finge
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     try:
-        run(_parse(argv))
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except S2DiTError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+        return run_cli(lambda: run(_parse(argv)))
     except KeyboardInterrupt:
         print("error: interrupted (the last checkpoint is intact; use --resume)", file=sys.stderr)
         return 130

@@ -9,11 +9,9 @@ import sys
 import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 
 # isort: on
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import run_cli
 
 from .lora import fuse_lora, load_adapters
-
-EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,23 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    return run_cli(lambda: fuse_cli(build_parser().parse_args(argv)))
+
+
+def fuse_cli(args: argparse.Namespace) -> None:
+    """Fuse --adapter into --model and write --out."""
     from s2dit_mlx.loading import load_model, save_model
 
-    try:
-        args = build_parser().parse_args(argv)
-        bundle = load_model(args.model)
-        load_adapters(bundle.dit, args.adapter, check_base=not args.no_check_base)
-        fuse_lora(bundle.dit)
-        path = save_model(
-            args.out, bundle.dit, bundle.vae, bundle.text_encoder, defaults=bundle.defaults
-        )
-        print(f"wrote {path}", file=sys.stderr)
-        return 0
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except S2DiTError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+    bundle = load_model(args.model)
+    load_adapters(bundle.dit, args.adapter, check_base=not args.no_check_base)
+    fuse_lora(bundle.dit)
+    path = save_model(
+        args.out, bundle.dit, bundle.vae, bundle.text_encoder, defaults=bundle.defaults
+    )
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

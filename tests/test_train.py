@@ -707,6 +707,30 @@ def test_average_cli_writes_the_weighted_mean(tmp_path, capsys):
     assert np.abs(ab - ba).max() <= 1e-5
 
 
+def test_average_keeps_bfloat16_weights(tmp_path):
+    """Sums in float32, stored back in each weight's own dtype; VAEs compared in bfloat16."""
+    from conftest import TINY_DEFAULTS, make_tiny_components
+
+    from s2dit_mlx.loading import save_model
+    from train import average
+
+    (dit_a, vae, text_a), (dit_b, _, text_b) = make_tiny_components(0), make_tiny_components(1)
+    for module in (dit_a, vae, text_a, dit_b, text_b):
+        module.set_dtype(mx.bfloat16)
+    save_model(tmp_path / "a", dit_a, vae, text_a, defaults=TINY_DEFAULTS)
+    save_model(tmp_path / "b", dit_b, vae, text_b, defaults=TINY_DEFAULTS)
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "soup")]
+    assert average.main(argv) == 0
+    soup = dict(tree_flatten(load_model(tmp_path / "soup").dit.parameters()))
+    a, b = (dict(tree_flatten(m.parameters())) for m in (dit_a, dit_b))
+    for name, value in soup.items():
+        assert value.dtype == mx.bfloat16, name
+        want = (0.5 * a[name].astype(mx.float32) + 0.5 * b[name].astype(mx.float32)).astype(
+            mx.bfloat16
+        )
+        assert mx.array_equal(value, want).item(), name
+
+
 @pytest.mark.parametrize(
     ("models", "flags", "message"),
     [

@@ -21,7 +21,6 @@ import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 
 # isort: on
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx.errors import S2DiTError, run_cli
@@ -49,7 +48,7 @@ def check_averageable(bundles: list[ModelBundle], names: list[str]) -> None:
             raise S2DiTError(f"{name} and {name0} have different tokenizers")
         mine, theirs = (dict(tree_flatten(m.vae.parameters())) for m in (bundle, first))
         same_vae = mine.keys() == theirs.keys() and all(
-            np.array_equal(np.array(value), np.array(theirs[key])) for key, value in mine.items()
+            mx.array_equal(value, theirs[key]).item() for key, value in mine.items()
         )
         if not same_vae:
             raise S2DiTError(

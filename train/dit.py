@@ -420,9 +420,10 @@ def run(args: argparse.Namespace) -> Trainer:
     if rank == 0:
         write_run_config(out, {k: v for k, v in vars(args).items() if k not in _PER_CALL})
         n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        n_all = sum(v.size for _, v in tree_flatten(dit.parameters()))
+        n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
+        what = "DiT and text-encoder" if args.train_text_encoder else "DiT"
         print(
-            f"training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M DiT parameters "
+            f"training {n_train / 1e6:.3f}M of {n_all / 1e6:.3f}M {what} parameters "
             f"({'LoRA' if args.lora else 'full'}, {mode}) on {world_size} process(es)",
             file=sys.stderr,
         )

@@ -29,6 +29,13 @@ def test_vae_recipe_writes_a_loadable_component(tmp_path, arch, extra):
     assert (out / "loss.png").is_file()
 
 
+def test_vae_recipe_refuses_bad_settings_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_vae.main(["--out", str(out), "--steps", "-3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: steps must be a positive integer, got -3"
+    assert not out.exists()
+
+
 def test_atomic_dir_replaces_only_on_success(tmp_path):
     target = tmp_path / "folder"
     with atomic_dir(target) as tmp:

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import run_cli
 from s2dit_mlx.fsutil import atomic_dir
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
@@ -31,8 +31,6 @@ from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from . import rng
 from .data import shapes_source
 from .trainer import TrainConfig, Trainer, write_run_config
-
-EXIT_ERROR = 2
 
 
 def vae_loss(vae, batch: dict, keys: mx.array, kl_weight: float) -> mx.array:
@@ -170,7 +168,6 @@ def run(args: argparse.Namespace) -> Path:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    write_run_config(out_dir, vars(args))
     trainer = Trainer(
         vae,
         lambda m, b, k: vae_loss(m, b, k, args.kl_weight),
@@ -178,7 +175,8 @@ def run(args: argparse.Namespace) -> Path:
         train_cfg,
         out_dir,
         fingerprint={"vae": cfg.to_dict()},
-    )
+    )  # checks the settings before anything is written
+    write_run_config(out_dir, vars(args))
     if args.resume:
         trainer.resume()
     trainer.train()
@@ -193,14 +191,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    args = build_parser().parse_args(argv)
-    try:
-        path = run(args)
-    except S2DiTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    print(f"VAE written to {path}")
-    return 0
+    return run_cli(lambda: print(f"VAE written to {run(build_parser().parse_args(argv))}"))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import S2DiTError
-
-EXIT_ERROR = 2
+from .errors import EXIT_ERROR, S2DiTError, run_cli
 
 GENERATE_EPILOG = """\
 Settings you leave out come from the model folder's config.json "defaults".
@@ -312,17 +310,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `s2dit` console script; returns the exit code."""
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return EXIT_ERROR
         return args.func(args)
-    except SystemExit as exc:  # argparse: --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except S2DiTError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+
+    try:
+        return run_cli(body)
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         reason = exc.strerror or " ".join(str(exc).split())

@@ -12,11 +12,10 @@ class S2DiTError(Exception):
     """A user-facing error: bad input, a bad model folder, an unwritable path."""
 
 
-def run_cli(body: Callable[[], object]) -> int:
-    """Exit code of a CLI body: 0, argparse's own, or 2 with an S2DiTError's one stderr line."""
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Exit code of a CLI body: its own (None: 0), argparse's, or 2 after an S2DiTError's line."""
     try:
-        body()
-        return 0
+        return body() or 0
     except SystemExit as exc:  # --help, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except S2DiTError as exc:

@@ -101,7 +101,7 @@ from s2dit_mlx.data.shapes import (
     caption,
     parse_prompt,
 )
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
@@ -663,13 +663,11 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except S2DiTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> None:
+        run(build_parser().parse_args(argv))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -459,8 +459,12 @@ def _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, finge
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+
+    def body() -> None:
+        run(_parse(argv))
+
     try:
-        return run_cli(lambda: run(_parse(argv)))
+        return run_cli(body)
     except KeyboardInterrupt:
         print("error: interrupted (the last checkpoint is intact; use --resume)", file=sys.stderr)
         return 130

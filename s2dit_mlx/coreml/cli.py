@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import S2DiTError
+from ..errors import EXIT_ERROR, S2DiTError, run_cli
 
-EXIT_ERROR = 2
 COMPRESSIONS = ("none", "int8", "palette6", "palette4")
 
 EPILOG = """\
@@ -183,17 +182,16 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`s2dit export ...` entry point (argv after `export`); returns the exit code."""
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help()
             return EXIT_ERROR
         return args.func(args)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except S2DiTError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+
+    try:
+        return run_cli(body)
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

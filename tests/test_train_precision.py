@@ -454,7 +454,7 @@ def prompt_scores(model_dir: Path, prompts: list[tuple[str, int]]) -> dict[str, 
     return summarise([evaluate(pipe.generate(p, seed=s), p) for p, s in prompts])
 
 
-@pytest.mark.slow  # 200 training steps and 16 generated clips: ~100 s on 2 busy CPU cores
+@pytest.mark.slow  # 200 steps + 16 clips: 103 s on 2 busy cores with 1 BLAS thread, more with more
 def test_full_finetune_of_the_builtin_float16_model(tmp_path):
     """200 full fine-tuning steps from the shipped float16 folder: finite, better, still on prompt."""
     from s2dit_mlx.data.shapes import random_prompt

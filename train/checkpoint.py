@@ -3,8 +3,10 @@
 Layout of a run folder:
 
     RUN_DIR/checkpoints/step-0000100/   one folder per checkpoint
-        model.safetensors               trainable weights of the trained tree
-        optimizer.safetensors           optimizer state (tree_flatten names)
+        model.safetensors               trainable weights of the trained tree (float32
+                                        masters; earlier versions wrote the model's dtype,
+                                        which the trainer casts on resume)
+        optimizer.safetensors           optimizer state (tree_flatten names), float32
         ema.safetensors                 EMA of the trainable weights (when EMA is on)
         trainer_state.json              step, seed, data position, loss history, config
     RUN_DIR/checkpoints/latest          text file naming the newest complete folder

@@ -6,8 +6,13 @@ Outputs in RUN_DIR:
     checkpoints/step-*/       atomic checkpoints; checkpoints/latest names the newest
     loss.json, loss.png       loss per step and its curve
     samples/step-*.gif        periodic sample videos (--sample-every)
-    model/                    final model folder (full training; EMA weights with --ema)
+    model/                    final model folder (full training; EMA weights with --ema),
+                              each weight in the dtype it was loaded in (float16 stays float16)
     adapters/                 final LoRA adapter (adapters.safetensors + adapter_config.json)
+
+Training runs on float32 master weights and optimizer state whatever the folder's dtype. A NaN or
+infinite loss or gradient norm stops the run with one `error:` line and exit code 2, keeping the
+last checkpoint (nothing is saved from the bad step); --skip-nonfinite N skips such steps instead.
 """
 
 from __future__ import annotations
@@ -217,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-compile", action="store_true", help="run the step eagerly")
     g.add_argument(
+        "--skip-nonfinite",
+        type=int,
+        metavar="N",
+        default=0,
+        help="skip up to N steps whose loss or gradient is NaN/inf (no update) before stopping; "
+        "by default the first one stops the run with an error, keeping the last checkpoint "
+        "(default 0)",
+    )
+    g.add_argument(
         "--seed", type=int, metavar="N", default=0, help="seed of data order, noise and init"
     )
 
@@ -393,6 +407,7 @@ def run(args: argparse.Namespace) -> Trainer:
         sample_every=args.sample_every,
         seed=args.seed,
         progress=not args.no_progress,
+        skip_nonfinite=args.skip_nonfinite,
     )
     loss_fn = make_flow_loss(flow_cfg)
     if args.palette_bits:
@@ -446,14 +461,16 @@ def _export(trainer, args, lora_cfg, vae, text_encoder, defaults, base_id, finge
     dit = trainer.model.dit
     te = trainer.model.text_encoder if trainer.model.trains_text_encoder else text_encoder
     with trainer.ema_weights():
-        if lora_cfg is not None:
-            path = save_adapters(
-                out / "adapters", dit, lora_cfg, base_id, fingerprint.get("base_sha256", "")
-            )
-        else:
-            if args.palette_bits:  # the saved model is the one the forward pass trained
-                snap_weights(dit, args.palette_bits, palette_targets(dit))
-            path = save_model(out / "model", dit, vae, te, defaults=defaults)
+        if args.palette_bits:  # the saved model is the one the forward pass trained
+            snap_weights(dit, args.palette_bits, palette_targets(dit))
+        # Trained as float32 masters; written in the dtype each weight was loaded in.
+        with trainer.original_dtypes():
+            if lora_cfg is not None:
+                path = save_adapters(
+                    out / "adapters", dit, lora_cfg, base_id, fingerprint.get("base_sha256", "")
+                )
+            else:
+                path = save_model(out / "model", dit, vae, te, defaults=defaults)
     print(f"wrote {path}", file=sys.stderr)
 
 

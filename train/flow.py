@@ -138,8 +138,12 @@ def _draw(key: mx.array, shape: tuple, n_chunks: int, cfg: FlowConfig, streaming
 
 
 def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowConfig) -> mx.array:
-    """Mean over samples of the per-sample velocity MSE (noisy chunks only); keys: [B, 2]."""
-    x0 = batch["latents"]
+    """Mean over samples of the per-sample velocity MSE (noisy chunks only); keys: [B, 2].
+
+    Runs in float32 whatever the dtype of the latents and the text embeddings (a float16 VAE
+    or text encoder gives float16 ones), as the trainer's float32 master weights do.
+    """
+    x0 = batch["latents"].astype(mx.float32)
     dit = model.dit
     b, frames = x0.shape[:2]
     streaming = cfg.mode == "streaming"
@@ -155,7 +159,7 @@ def flow_matching_loss(model: FlowModel, batch: dict, keys: mx.array, cfg: FlowC
     s5 = s.reshape(b, frames, 1, 1, 1).astype(x0.dtype)
     x_t = (1 - s5) * x0 + s5 * eps.astype(x0.dtype)
     t = 1000.0 * (s if streaming else s[:, 0])
-    context = model.context(batch)
+    context = model.context(batch).astype(mx.float32)
     if streaming and cfg.recycle_prob > 0:
         x_t = _recycle_context(dit, x0, x_t, context, keys, clean, frame_chunk, k, cfg)
     v = dit(x_t, t, context, chunk_frames=k if streaming else None)

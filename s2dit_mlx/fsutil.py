@@ -70,6 +70,8 @@ _COREML_TOP = re.compile(r"(S2DiT\.mlpackage|VAEDecoder\.mlpackage|manifest\.jso
 _RECIPE_TOP = {
     "latents.npz",
     "long_latents.npz",
+    "latents.tmp.npz",
+    "long_latents.tmp.npz",
     "tokenizer.json",
     "init",
     "vae_run",

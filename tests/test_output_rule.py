@@ -690,9 +690,8 @@ def _old_output(tmp_path: Path, main, argv: list[str], name: str = "out") -> Pat
     return out
 
 
-def test_kill9_average_and_fuse_leave_old_or_new(sources, tmp_path):
+def test_kill9_average_leaves_old_or_new(sources, tmp_path):
     from train.average import main as average
-    from train.fuse import main as fuse
 
     world = make_world(tmp_path, sources)
     a, b = world.paths["A"], world.paths["B"]
@@ -701,12 +700,17 @@ def test_kill9_average_and_fuse_leave_old_or_new(sources, tmp_path):
             "--overwrite"]  # fmt: skip
     _kill_run(argv, out, "model", tmp_path / "in", seed=1, kills=8)
 
+
+@pytest.mark.slow  # each run imports mlx_lm (and transformers): ~3-6 s
+def test_kill9_fuse_leaves_old_or_new(sources, tmp_path):
+    from train.fuse import main as fuse
+
+    world = make_world(tmp_path, sources)
+    a = world.paths["A"]
     ad2 = shutil.copytree(sources / "adapter2", tmp_path / "in" / "adapter2")
-    out = _old_output(
-        tmp_path, fuse, ["--model", a, "--adapter", world.paths["AD"], "--out"], "fused"
-    )
-    argv = [sys.executable, "-m", "train.fuse", "--model", a, "--adapter", str(ad2), "--out", str(out),
-            "--overwrite"]  # fmt: skip
+    out = _old_output(tmp_path, fuse, ["--model", a, "--adapter", world.paths["AD"], "--out"])
+    argv = [sys.executable, "-m", "train.fuse", "--model", a, "--adapter", str(ad2), "--out",
+            str(out), "--overwrite"]  # fmt: skip
     _kill_run(argv, out, "model", tmp_path / "in", seed=2, kills=4)
 
 
@@ -720,7 +724,7 @@ def test_kill9_convert_leaves_old_or_new(wan_source, tmp_path):
     _kill_run(argv, out, "model", tmp_path / "in", seed=3, kills=8)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # each run imports coremltools: ~10 s
 @pytest.mark.skipif(not HAS_COREML, reason="coremltools is not installed")
 def test_kill9_export_coreml_leaves_old_or_new(sources, tmp_path):
     from s2dit_mlx.cli import main

@@ -41,8 +41,8 @@ import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.fsutil import atomic_dir
+from s2dit_mlx.errors import EXIT_ERROR, S2DiTError
+from s2dit_mlx.fsutil import atomic_dir, check_inputs, check_output_dir
 from s2dit_mlx.models import wan
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 
@@ -579,11 +579,12 @@ def convert(
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or "dit" not in components:
         raise S2DiTError(f"components must include dit and be among {', '.join(COMPONENTS)}")
-    target = Path(out).expanduser()
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise S2DiTError(f"output folder {target} exists and is not empty (use --overwrite)")
+    # --out: new, empty, or (overwrite) a model folder we wrote; never the checkpoint itself.
+    source = [("checkpoint folder", src)]
+    target = check_output_dir(out, "model", inputs=source, overwrite=overwrite, flag=None)
 
     root = resolve_source(src, components)
+    check_inputs(target, [("checkpoint folder", root)], "output folder")  # a hub snapshot
     ckpt = inspect_checkpoint(root)
     for kind, path in (("vae", ckpt.vae), ("text_encoder", ckpt.text_encoder)):
         if kind in components and path is None:
@@ -616,7 +617,7 @@ def convert(
             metadata=meta,
         )
 
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model") as tmp:
         config: dict = {"model_type": "s2dit", "dit": args.to_dict()}
         report.components.append(_convert_dit(ckpt.dits[0], args, tmp, **common("dit", True)))
         if len(ckpt.dits) == 2:
@@ -686,7 +687,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=",".join(COMPONENTS),
         help="comma-separated components to convert (dit is required)",
     )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a model folder s2dit-mlx wrote (nothing else is replaced)",
+    )
     a = parser.parse_args(argv)
     try:
         convert(
@@ -700,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=a.overwrite,
         )
     except S2DiTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -32,7 +32,7 @@ examples:
 Output kind follows the path: .mp4 (H.264), .gif, a folder (trailing slash or no suffix)
 of PNG frames, a pattern like frames/f_%05d.png, or .png for a single frame. A JSON
 sidecar with the prompt, seed, settings, timings and peak memory is written beside it
-(out.mp4 -> out.json).
+(out.mp4 -> out.json); it replaces only a sidecar s2dit wrote, never another file.
 """
 
 NO_MODEL = (
@@ -202,9 +202,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise S2DiTError(NO_MODEL)
         args.model = str(DEFAULT_MODEL_DIR)
     from . import video_io
+    from .fsutil import check_inputs
     from .pipeline import Pipeline
 
     out = video_io.check_output_path(args.output)  # fail before the (slow) model load
+    check_inputs(out, [("model folder", args.model)], "-o")
+    video_io.check_sidecar(out)
     _probe_writable(out)
     if args.fps is not None and not (args.fps > 0 and args.fps < float("inf")):
         raise S2DiTError(f"fps must be a positive number, got {args.fps}")
@@ -212,6 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - start
+    check_inputs(out, [("model folder", pipe.path)], "-o")  # a hub id's local snapshot
 
     overrides = {
         "frames": args.frames,
@@ -285,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     try:
         sidecar = video_io.write_metadata(out, meta)
-    except OSError:
+    except (OSError, S2DiTError):  # e.g. a foreign out.json appeared while generating
         _remove_output(out)  # no half-finished result: the video without its record goes too
         raise
     if not args.quiet:

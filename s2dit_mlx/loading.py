@@ -428,9 +428,11 @@ def save_model(
     text_encoder: nn.Module,
     defaults: dict | None = None,
 ) -> Path:
-    """Save a model folder atomically (written beside the target, then renamed into place).
+    """Save a model folder atomically (written beside the target, then swapped into place).
 
-    An existing folder at `path` is replaced only once the new one is complete.
+    An existing folder at `path` is replaced, once the new one is complete, only if it is a
+    model folder s2dit-mlx wrote and holds no other files; anything else raises S2DiTError
+    (fsutil's output rule).
     """
     target = Path(path).expanduser()
     merged = _check_defaults(defaults or {}, f"model folder {target}")
@@ -442,7 +444,7 @@ def save_model(
         "text_encoder": text_cfg,
         "defaults": merged,
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model") as tmp:
         (tmp / "vae").mkdir()
         (tmp / "text_encoder").mkdir()
         _write_json(tmp / CONFIG_NAME, config)

@@ -16,7 +16,9 @@ escapes the ``with`` block, the temporaries are removed and nothing appears at t
 
 Metadata sidecar: ``write_metadata(output, meta)`` writes JSON beside the output with the suffix
 replaced by ``.json``: ``out.mp4`` -> ``out.json``, ``frames/`` -> ``frames.json``,
-``frames/f_%05d.png`` -> ``frames/f.json``.
+``frames/f_%05d.png`` -> ``frames/f.json``. The user never names that file, so it replaces only
+a sidecar s2dit wrote (``"s2dit_sidecar"`` key, or the fields earlier versions wrote);
+``check_sidecar`` says so before any work.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import S2DiTError
+from .fsutil import check_output_file
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _PLACEHOLDER = re.compile(r"%0?(\d*)d")
 _MP4_CRF = 18
+SIDECAR_KEY = "s2dit_sidecar"  # first key of every sidecar; its value is the format version
+SIDECAR_VERSION = 1
 
 
 def _expand(path: str | os.PathLike) -> str:
@@ -68,6 +73,8 @@ def check_output_path(path: str | os.PathLike, num_frames: int | None = None) ->
     raw = _expand(path) if path is not None else ""
     if not raw.strip():
         raise S2DiTError("output path is empty")
+    if raw.strip() == "-":
+        raise S2DiTError("writing the video to standard output (-) is not supported; give a path")
     kind = output_kind(raw)
     out = Path(raw)
     if kind == "png-pattern" and len(_PLACEHOLDER.findall(out.name)) != 1:
@@ -333,9 +340,42 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def write_metadata(output: str | os.PathLike, meta: dict) -> Path:
-    """Atomically write ``meta`` as JSON beside ``output``; return the sidecar path."""
+def is_sidecar(path: str | os.PathLike) -> bool:
+    """Whether the JSON file at path is a sidecar s2dit wrote (this or an earlier version)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    if SIDECAR_KEY in data:
+        return True
+    # Earlier versions: `s2dit generate`'s fields, with our version stamp.
+    versions = data.get("versions")
+    return {"prompt", "seed", "settings"} <= data.keys() and (
+        isinstance(versions, dict) and "s2dit_mlx" in versions
+    )
+
+
+def check_sidecar(output: str | os.PathLike) -> Path:
+    """Refuse an output whose sidecar path holds a file s2dit did not write; returns that path."""
     target = metadata_path(output)
+    check_output_file(
+        target,
+        is_sidecar,
+        "the metadata sidecar",
+        "move it away or choose another output name",
+    )
+    return target
+
+
+def write_metadata(output: str | os.PathLike, meta: dict) -> Path:
+    """Atomically write ``meta`` as JSON beside ``output``; return the sidecar path.
+
+    Raises S2DiTError if that path holds a file s2dit did not write (``check_sidecar``).
+    """
+    target = check_sidecar(output)
+    meta = {SIDECAR_KEY: SIDECAR_VERSION, **{k: v for k, v in meta.items() if k != SIDECAR_KEY}}
     text = json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default) + "\n"
     tmp = _temp_name(target)
     try:

@@ -680,7 +680,7 @@ def test_export_refuses_unsupported_vae_and_existing_foreign_folder(tiny, tmp_pa
         export_coreml(dit, OtherVAE(), tmp_path / "a", height=HEIGHT, width=WIDTH)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
-    with pytest.raises(S2DiTError, match="not a Core ML export"):
+    with pytest.raises(S2DiTError, match="not an s2dit-mlx Core ML export"):
         export_coreml(dit, vae, tmp_path / "b", height=HEIGHT, width=WIDTH)
     assert (tmp_path / "b" / "keep.txt").exists()
     assert not (tmp_path / "a").exists()
@@ -800,7 +800,7 @@ def test_dit_only_export_without_vae(tiny, tmp_path):
     out = tmp_path / "dit-only"
     manifest = export_coreml(dit, None, out, height=HEIGHT, width=WIDTH, precision="float32")
     assert manifest["packages"]["vae_decoder"] is None
-    assert sorted(p.name for p in out.iterdir()) == [DIT_PACKAGE, MANIFEST]
+    assert sorted(p.name for p in out.iterdir()) == [".s2dit", DIT_PACKAGE, MANIFEST]
     assert manifest["video"]["height"] == HEIGHT and manifest["video"]["width"] == WIDTH
 
 

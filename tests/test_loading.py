@@ -89,6 +89,7 @@ def test_save_layout_and_atomic_replace(tmp_path):
     save_model(target, dit, vae, text_encoder)
     names = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
     assert names == [
+        ".s2dit",
         "config.json",
         "model.safetensors",
         "text_encoder",

@@ -38,14 +38,14 @@ def test_vae_recipe_refuses_bad_settings_before_writing(tmp_path, capsys):
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
     target = tmp_path / "folder"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model") as tmp:
         (tmp / "a.txt").write_text("first")
     assert (target / "a.txt").read_text() == "first"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, "model") as tmp:
         (tmp / "a.txt").write_text("half")
         raise RuntimeError("killed mid-write")
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]  # no temp left behind
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model") as tmp:
         (tmp / "b.txt").write_text("second")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".s2dit", "b.txt"]

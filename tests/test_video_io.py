@@ -173,13 +173,14 @@ def test_metadata_sidecar(tmp_path):
     side = write_metadata(tmp_path / "out.mp4", meta)
     assert side == tmp_path / "out.json"
     assert json.loads(side.read_text()) == {
+        "s2dit_sidecar": 1,
         "prompt": "un chat",
         "seed": 3,
         "shift": 5.0,
         "size": [8, 8],
     }
-    write_metadata(tmp_path / "out.mp4", {"seed": 4})  # overwrite in place
-    assert json.loads(side.read_text()) == {"seed": 4}
+    write_metadata(tmp_path / "out.mp4", {"seed": 4})  # our own sidecar: replaced in place
+    assert json.loads(side.read_text()) == {"s2dit_sidecar": 1, "seed": 4}
     assert _listing(tmp_path) == ["out.json"]
 
 

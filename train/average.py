@@ -7,7 +7,10 @@ most coherent long streams. The DiT and the text encoder are averaged; the VAE, 
 latents every DiT was trained on, must be the same in all folders and is kept as it is.
 
     python -m train.average runs/o2/model runs/o1/model --out runs/soup
-    python -m train.average a b c --weights 2 1 1 --out runs/soup
+    python -m train.average a b c --weights 2 1 1 --out runs/soup --overwrite
+
+--out must be a new or empty folder, or (with --overwrite) a model folder s2dit-mlx wrote;
+it may not be, contain or lie inside one of the input folders.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx.errors import S2DiTError, run_cli
+from s2dit_mlx.fsutil import check_inputs, check_output_dir
 from s2dit_mlx.loading import ModelBundle, load_model, save_model
 
 
@@ -98,7 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "first folder's sampling defaults.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="two or more model folders")
-    p.add_argument("--out", required=True, help="where to write the averaged model folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="where to write the averaged model folder (new, empty, or see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a model folder s2dit-mlx wrote (nothing else is replaced)",
+    )
     p.add_argument(
         "--weights",
         type=float,
@@ -119,7 +132,11 @@ def average_cli(args: argparse.Namespace) -> None:
     if len(args.models) < 2:
         raise S2DiTError("give two or more model folders to average")
     weights = normalised_weights(args.weights, len(args.models))
+    inputs = [("model folder", m) for m in args.models]
+    check_output_dir(args.out, "model", inputs=inputs, overwrite=args.overwrite)
     bundles = [load_model(m) for m in args.models]
+    # Hub ids resolve to local snapshots only now; those must not be --out either.
+    check_inputs(args.out, [("model folder", b.path) for b in bundles])
     check_averageable(bundles, args.models)
     soup = average_models(bundles, weights)
     path = save_model(args.out, soup.dit, soup.vae, soup.text_encoder, soup.defaults)

@@ -63,7 +63,7 @@ well, the 10 s coherence, and their average keeps o1's motion and most of o2's c
         --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --motion-weight 2 \
         --object-weight 3
     python -m train.average runs/o2/model runs/o1/model --weights 0.7 0.3 \
-        --out s2dit_mlx/assets/default
+        --out s2dit_mlx/assets/default --overwrite
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
 the saved folder's layout): 10 s streams stay coherent longer (README).
@@ -102,6 +102,7 @@ from s2dit_mlx.data.shapes import (
     parse_prompt,
 )
 from s2dit_mlx.errors import S2DiTError, run_cli
+from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
@@ -607,8 +608,8 @@ def run(args: argparse.Namespace) -> Path:
         )
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [("--init model folder", args.init), ("--vae folder", args.vae)]
+    out = mark_run_dir(check_run_dir(args.out, inputs=inputs), "train.default_model")
     if args.init:
         init = continue_from(Path(args.init), out, args.sink)
     else:

@@ -13,6 +13,9 @@ Outputs in RUN_DIR:
 Training runs on float32 master weights and optimizer state whatever the folder's dtype. A NaN or
 infinite loss or gradient norm stops the run with one `error:` line and exit code 2, keeping the
 last checkpoint (nothing is saved from the bad step); --skip-nonfinite N skips such steps instead.
+
+RUN_DIR must be new, empty, or a run folder s2dit-mlx wrote (.s2dit marker; earlier versions:
+run.json or checkpoints/), and may not be, contain or lie inside --model or --config.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from s2dit_mlx.errors import S2DiTError, run_cli
+from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
 
 from .checkpoint import latest_checkpoint
 from .data import VideoEncoder, load_source
@@ -309,6 +313,7 @@ def _load_components(args: argparse.Namespace, rank: int, world_size: int):
         # Persist the random start, so a resume (or another process) sees the same frozen parts.
         if rank == 0:
             dit, vae, te, defaults = _build_from_config(args.config, args.seed)
+            mark_run_dir(args.out, "train.dit")
             save_model(init, dit, vae, te, defaults=defaults)
         if world_size > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
@@ -349,7 +354,8 @@ def run(args: argparse.Namespace) -> Trainer:
     """Build everything from parsed arguments and train; returns the finished Trainer."""
     group = mx.distributed.init()
     rank, world_size = group.rank(), group.size()
-    out = Path(args.out)
+    inputs = [("model folder", args.model), ("config file", args.config)]
+    out = check_run_dir(args.out, inputs=inputs)
     if not args.resume and latest_checkpoint(out) is not None:
         raise S2DiTError(
             f"{out} already holds checkpoints; pass --resume to continue or choose another --out"
@@ -433,6 +439,7 @@ def run(args: argparse.Namespace) -> Trainer:
         group=group,
     )
     if rank == 0:
+        mark_run_dir(out, "train.dit")
         write_run_config(out, {k: v for k, v in vars(args).items() if k not in _PER_CALL})
         n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         n_all = sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,4 +1,8 @@
-"""`python -m train.fuse`: merge a LoRA adapter into a model folder's DiT and save a new folder."""
+"""`python -m train.fuse`: merge a LoRA adapter into a model folder's DiT and save a new folder.
+
+--out must be a new or empty folder, or (with --overwrite) a model folder s2dit-mlx wrote;
+it may not be, contain or lie inside the base model folder or the adapter folder.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 
 # isort: on
 from s2dit_mlx.errors import run_cli
+from s2dit_mlx.fsutil import check_inputs, check_output_dir
 
 from .lora import fuse_lora, load_adapters
 
@@ -23,7 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="base model folder or Hugging Face id")
     p.add_argument("--adapter", required=True, help="adapter folder (from python -m train.dit)")
-    p.add_argument("--out", required=True, help="where to write the fused model folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="where to write the fused model folder (new, empty, or see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a model folder s2dit-mlx wrote (nothing else is replaced)",
+    )
     p.add_argument(
         "--no-check-base",
         action="store_true",
@@ -41,7 +55,10 @@ def fuse_cli(args: argparse.Namespace) -> None:
     """Fuse --adapter into --model and write --out."""
     from s2dit_mlx.loading import load_model, save_model
 
+    inputs = [("model folder", args.model), ("adapter folder", args.adapter)]
+    check_output_dir(args.out, "model", inputs=inputs, overwrite=args.overwrite)
     bundle = load_model(args.model)
+    check_inputs(args.out, [("model folder", bundle.path)])  # a hub id's local snapshot
     load_adapters(bundle.dit, args.adapter, check_base=not args.no_check_base)
     fuse_lora(bundle.dit)
     path = save_model(

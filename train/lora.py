@@ -227,7 +227,7 @@ def save_adapters(
         "layers": config.layers,
         "base_model": {"id": base_id, "sha256": base_sha256},
     }
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "adapter") as tmp:
         mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
         with open(tmp / ADAPTER_CONFIG, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)

@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from s2dit_mlx.errors import run_cli
-from s2dit_mlx.fsutil import atomic_dir
+from s2dit_mlx.fsutil import atomic_dir, check_run_dir, mark_run_dir
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
@@ -93,7 +93,7 @@ def latent_stats(vae: WanVAE, source, indices: list[int]) -> tuple[list[float], 
 
 def save_component(vae, out: Path) -> Path:
     """Write the VAE as a model-folder component (config.json + model.safetensors), atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "vae") as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(vae.parameters())))
         (tmp / "config.json").write_text(json.dumps(vae.config.to_dict(), indent=2) + "\n")
     return out
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> Path:
     """Train, then write RUN_DIR/vae (the component folder with measured latent stats)."""
-    out_dir = Path(args.out)
+    out_dir = check_run_dir(args.out)  # new, empty, or one of our run folders
     if args.arch == "wan":
         cfg = WanVAEConfig(base_dim=args.base_dim, z_dim=args.z_dim, num_res_blocks=args.res_blocks)
         model_cls = WanVAE
@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> Path:
         out_dir,
         fingerprint={"vae": cfg.to_dict()},
     )  # checks the settings before anything is written
+    mark_run_dir(out_dir, "train.vae")
     write_run_config(out_dir, vars(args))
     if args.resume:
         trainer.resume()

@@ -19,7 +19,8 @@ Sizes you leave out come from the model folder (defaults.height/width, dit.frame
 dit.window). The folder DIR gets S2DiT.mlpackage (functions denoise and write, streaming
 state as fp16 Core ML states), VAEDecoder.mlpackage and manifest.json (shapes, state sizes,
 schedule, fps, the loop). With --prompt, the text encoder output is saved as prompt.f16
-(the text encoder itself stays on the Mac).
+(the text encoder itself stays on the Mac). DIR must be new or empty, or an earlier export
+to replace with --overwrite; s2dit never replaces anything else.
 
 examples:
   s2dit export coreml --model ./my-model --out ./ios-model
@@ -48,6 +49,11 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         help="model folder or Hugging Face repository id (default: the built-in model)",
     )
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DIR if it is an earlier Core ML export (nothing else is replaced)",
+    )
     p.add_argument("--height", type=int, metavar="PX", help="frame height in pixels")
     p.add_argument("--width", type=int, metavar="PX", help="frame width in pixels")
     p.add_argument("--chunk-frames", type=int, metavar="N", help="latent frames per chunk")
@@ -107,12 +113,13 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
 
     from ..loading import load_model
     from ..sampling import FEW_STEP, FlowEulerSolver, few_step_timesteps
-    from .export import check_export, export_coreml
+    from .export import check_export, check_target, export_coreml
 
     if not args.model:
         from ..loading import DEFAULT_MODEL_DIR
 
         args.model = str(DEFAULT_MODEL_DIR)
+    check_target(args.out, args.model, overwrite=args.overwrite, flag="--out")
     bundle = load_model(args.model)
     defaults = bundle.defaults
     height = args.height if args.height is not None else defaults["height"]

@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import S2DiTError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, check_output_dir
 from ..sampling import FEW_STEP
 from . import emit
 from ._ct import quiet_progress
@@ -251,18 +251,20 @@ def check_export(
     )
 
 
-def _prepare_target(out_dir: Path) -> None:
-    if out_dir.exists() and not (out_dir.is_dir() and (out_dir / MANIFEST).is_file()):
-        kind = "folder" if out_dir.is_dir() else "file"
-        raise S2DiTError(
-            f"output {out_dir} already exists and is not a Core ML export ({kind}); "
-            "choose a new folder"
-        )
-    parent = out_dir.absolute().parent
-    if not parent.is_dir():
-        raise S2DiTError(f"output folder's parent {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise S2DiTError(f"output folder's parent {parent} is not writable")
+def check_target(
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    overwrite: bool = True,
+    flag: str | None = None,
+) -> Path:
+    """Refuse an export folder we may not write (fsutil's output rule); returns it.
+
+    New or empty: fine. An earlier Core ML export (marker, or manifest.json with format
+    s2dit-coreml) holding only exported files: replaced with `overwrite`. Anything else, or a
+    folder that is, contains or lies inside the model folder, raises S2DiTError.
+    """
+    inputs = [("model folder", model)]
+    return check_output_dir(out_dir, "coreml", inputs=inputs, overwrite=overwrite, flag=flag)
 
 
 def export_coreml(
@@ -305,11 +307,10 @@ def export_coreml(
     )
     schedule = schedule or {}
     sampler = describe_sampler(schedule.get("sampler", FEW_STEP))  # before any package is built
-    out_dir = Path(out_dir).expanduser()
-    _prepare_target(out_dir)
+    out_dir = check_target(out_dir)
     args = dit.args
     dtype = PRECISIONS[precision]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "coreml") as tmp:
         t0 = time.perf_counter()
         save_dit_package(
             args,

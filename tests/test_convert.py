@@ -391,14 +391,14 @@ def test_cli(checkpoints, tmp_path, capsys):
     assert convert_wan.main([str(checkpoints["official"]), "--out", str(out), "--only", "dit"]) == 0
     assert "dit: " in capsys.readouterr().out
     # the output exists now: refused without --overwrite, with one line on stderr
-    assert convert_wan.main([str(checkpoints["official"]), "--out", str(out), "--only", "dit"]) == 1
+    assert convert_wan.main([str(checkpoints["official"]), "--out", str(out), "--only", "dit"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err
     args = [str(checkpoints["official"]), "--out", str(out), "--only", "dit", "--overwrite"]
     assert convert_wan.main(args + ["-q", "8"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     # a full conversion needs the VAE and text encoder the checkpoint lacks
-    assert convert_wan.main([str(checkpoints["official"]), "--out", str(tmp_path / "x")]) == 1
+    assert convert_wan.main([str(checkpoints["official"]), "--out", str(tmp_path / "x")]) == 2
     assert "--only dit" in capsys.readouterr().err
 
 

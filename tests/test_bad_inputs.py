@@ -302,6 +302,18 @@ BAD_INPUTS = [
         ["--config", "{dim_str_config}", "--out", "{out}"],
         "dit config: dim must be an integer, got '32'",
     ),
+    (
+        "dit-config-then-bad-frames",  # the random start (init/) is not saved either
+        DIT,
+        ["--config", "{model}/config.json", "--out", "{out}", "--frames", "7"],
+        "frames 7 (--frames) must be 4k + 1",
+    ),
+    (
+        "dit-existing-out-bad-height",
+        DIT,
+        ["--model", "{model}", "--out", "{existing}", "--height", "33"],
+        "height 33 (--height)",
+    ),
     ("dit-model-and-config", DIT, [*DIT_RUN, "--config", "{lone_config}"], "exactly one of"),
     ("dit-nan-model", DIT, ["--model", "{nan}", "--out", "{out}"], "holds NaN values"),
     ("dit-steps-0", DIT, [*DIT_RUN, "--steps", "0"], "argument --steps: expected a positive"),
@@ -355,6 +367,12 @@ BAD_INPUTS = [
     ("average-nan", AVERAGE, ["{model}", "{nan}", "--out", "{out}"], "holds NaN"),
     ("average-dim-string", AVERAGE, ["{model}", "{dim_str}", "--out", "{out}"], "dim must be"),
     # --- python -m train.default_model ---
+    (
+        "recipe-existing-out",
+        RECIPE,
+        ["--out", "{existing}", "--long-clip-frames", "80"],
+        "--long-clip-frames takes 1 + 4k",
+    ),
     ("recipe-clips-0", RECIPE, ["--out", "{out}", "--clips", "0"], "argument --clips"),
     ("recipe-clip-frames", RECIPE, ["--out", "{out}", "--clip-frames", "32"], "1 + 4k frames"),
     ("recipe-batch-0", RECIPE, ["--out", "{out}", "--batch-size", "0"], "argument --batch-size"),
@@ -583,6 +601,24 @@ def _dit():
     from s2dit_mlx.models import s2dit
 
     return s2dit
+
+
+def test_config_in_a_model_folder_reads_its_tokenizer_from_beside_it():
+    """train.dit --config s2dit_mlx/assets/default/config.json: a random start whose umT5 text
+    encoder has the folder's tokenizer (the shipped weights are not loaded)."""
+    from train.dit import _build_from_config
+
+    dit, _, text_encoder, defaults = _build_from_config(
+        str(DEFAULT_MODEL_DIR / "config.json"), seed=0
+    )
+    shipped = load_model(DEFAULT_MODEL_DIR)
+    assert text_encoder.tokenizer is not None
+    ids, _ = text_encoder.tokenizer(["a red circle moving left"])
+    want, _ = shipped.text_encoder.tokenizer(["a red circle moving left"])
+    np.testing.assert_array_equal(ids, want)
+    name, weight = sorted(tree_flatten(dit.parameters()))[0]
+    assert not mx.array_equal(weight, dict(tree_flatten(shipped.dit.parameters()))[name]).item()
+    assert defaults == shipped.defaults
 
 
 def test_every_saved_config_passes_the_type_check(world):

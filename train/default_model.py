@@ -604,8 +604,9 @@ def vae_stage(args: argparse.Namespace, out: Path) -> Path:
         vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]
     if args.resume:
         vae_argv.append("--resume")  # from step 0 when the VAE run has no checkpoint yet
-    if train_vae.main(vae_argv) != 0:
-        raise S2DiTError("VAE training failed")
+    # run(), not main(): an error or Ctrl-C reaches this command's run_cli as one line
+    path = _stage("VAE", lambda: train_vae.run(train_vae.build_parser().parse_args(vae_argv)))
+    print(f"VAE written to {path}")
     return vae_dir
 
 
@@ -623,9 +624,16 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
-    if train_dit.main(dit_argv) != 0:
-        raise S2DiTError(f"DiT training failed ({run_dir.name} stage)")
+    _stage(f"DiT ({run_dir.name})", lambda: train_dit.run(train_dit._parse(dit_argv)))
     return run_dir / "model"
+
+
+def _stage(name: str, body):
+    """body(), with the stage named in its error."""
+    try:
+        return body()
+    except S2DiTError as err:
+        raise S2DiTError(f"{name} stage: {err}") from None
 
 
 def palette_stage(args: argparse.Namespace, out: Path, trained: Path) -> Path:
@@ -742,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         run(build_parser().parse_args(argv))
 
-    return run_cli(body)
+    return run_cli(body, interrupted="interrupted (the last checkpoint is intact; use --resume)")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 # isort: off
 import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
@@ -628,7 +629,7 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
     return run_dir / "model"
 
 
-def _stage(name: str, body):
+def _stage(name: str, body: Callable[[], Any]) -> Any:
     """body(), with the stage named in its error."""
     try:
         return body()

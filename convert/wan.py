@@ -41,7 +41,8 @@ import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from s2dit_mlx.errors import EXIT_ERROR, S2DiTError
+from s2dit_mlx.cli_args import Parser
+from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import atomic_dir, check_inputs, check_output_dir
 from s2dit_mlx.models import wan
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
@@ -79,6 +80,7 @@ HUB_PATTERNS = {
 KEEP_FP32 = re.compile(r"^(time_embedding\.|time_projection\.)|modulation$")
 QUANTIZED_PREFIXES = {"dit": ("blocks.",), "text_encoder": ("blocks.",)}
 COMPONENTS = ("dit", "vae", "text_encoder")
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,6 +561,20 @@ def _defaults(preset: wan.WanPreset | None) -> dict:
     return dict(wan.PRESETS["wan2.1-t2v-1.3b"].defaults)
 
 
+def _check_quantizable(args: ModelArgs, group_size: int) -> None:
+    """Refuse a quantization that would leave every DiT linear layer as it is."""
+    prefixes = QUANTIZED_PREFIXES["dit"]
+    if not any(
+        should_quantize_linear(name, shape, group_size, prefixes)
+        for name, shape in _expected(S2DiT(args)).items()  # lazy: nothing is evaluated
+    ):
+        raise S2DiTError(
+            f"no linear layer of this DiT (width {args.dim}) has an input width divisible by "
+            f"the group size {group_size}, so nothing would be quantized; use a smaller "
+            "--group-size or leave out -q"
+        )
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -576,6 +592,12 @@ def convert(
         raise S2DiTError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if bits not in (None, 4, 8):
         raise S2DiTError(f"quantization bits must be 4 or 8, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise S2DiTError(
+            f"quantization group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+            f"got {group_size!r}"
+        )
+    shard_bytes = parse_size(shard_size)
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or "dit" not in components:
         raise S2DiTError(f"components must include dit and be among {', '.join(COMPONENTS)}")
@@ -598,6 +620,8 @@ def convert(
         raise S2DiTError(f"{root}: the two experts have different shapes")
     preset = wan.find_preset(args, two_experts=len(ckpt.dits) == 2)
     quantization = {"group_size": group_size, "bits": bits} if bits else None
+    if quantization:
+        _check_quantizable(args, group_size)
     report = ConversionReport(
         str(src), ckpt.layout, str(target), preset.name if preset else None, dtype, quantization
     )
@@ -613,7 +637,7 @@ def convert(
         return dict(
             dtype=DTYPES[out_dtype],
             quantization=quantization if quantize else None,
-            shard_bytes=parse_size(shard_size),
+            shard_bytes=shard_bytes,
             metadata=meta,
         )
 
@@ -667,9 +691,27 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: python -m convert.wan SRC --out DIR ..."""
-    parser = argparse.ArgumentParser(
+def _shard_size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except S2DiTError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _components(value: str) -> tuple[str, ...]:
+    parts = tuple(c.strip() for c in value.split(",") if c.strip())
+    unknown = [c for c in parts if c not in COMPONENTS]
+    if unknown or "dit" not in parts:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(COMPONENTS)} that includes dit, "
+            f"got {value!r}"
+        )
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m convert.wan`."""
+    parser = Parser(
         prog="python -m convert.wan",
         description="Convert a Wan 2.x checkpoint (original or diffusers layout, local folder "
         "or Hugging Face hub id) into an s2dit-mlx model folder.",
@@ -681,10 +723,21 @@ def main(argv: list[str] | None = None) -> int:
         "-q", "--quantize", type=int, choices=[4, 8], default=None,
         help="quantize the DiT and text-encoder linear layers to this many bits",
     )  # fmt: skip
-    parser.add_argument("--group-size", type=int, default=64, help="quantization group size")
-    parser.add_argument("--shard-size", default="5GB", help="largest output file (e.g. 5GB)")
     parser.add_argument(
-        "--only", default=",".join(COMPONENTS),
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=64,
+        help="quantization group size (weights per scale and bias)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="largest output file: a byte count or a size like 500MB, 5GB",
+    )
+    parser.add_argument(
+        "--only", type=_components, default=",".join(COMPONENTS),
         help="comma-separated components to convert (dit is required)",
     )  # fmt: skip
     parser.add_argument(
@@ -692,8 +745,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace --out if it is a model folder s2dit-mlx wrote (nothing else is replaced)",
     )
-    a = parser.parse_args(argv)
-    try:
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: python -m convert.wan SRC --out DIR ...; returns the exit code."""
+
+    def body() -> None:
+        a = build_parser().parse_args(argv)
         convert(
             a.src,
             a.out,
@@ -701,13 +760,11 @@ def main(argv: list[str] | None = None) -> int:
             bits=a.quantize,
             group_size=a.group_size,
             shard_size=a.shard_size,
-            components=tuple(c.strip() for c in a.only.split(",") if c.strip()),
+            components=a.only,
             overwrite=a.overwrite,
         )
-    except S2DiTError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

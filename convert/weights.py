@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -245,14 +246,26 @@ def open_sharded(folder: Path, stem: str) -> WeightSet | None:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '64KB' or a byte count -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper()
-    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
+    """'5GB', '500MB', '64KB' or a byte count -> bytes (S2DiTError on anything else)."""
+    size = None
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif isinstance(text, str):
+        s = text.strip().upper()
+        factor = 1
+        for unit, f in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+            if s.endswith(unit):
+                s, factor = s[: -len(unit)].strip(), f
+                break
+        try:
+            number = float(s)
+        except ValueError:
+            number = float("nan")
+        if math.isfinite(number):
+            size = int(number * factor)
+    if size is None or size < 1:
+        raise S2DiTError(f"expected a size like 5GB, 500MB or a byte count >= 1, got {text!r}")
+    return size
 
 
 class ShardWriter:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .cli_args import Parser, text
 from .errors import EXIT_ERROR, S2DiTError, run_cli
 
 GENERATE_EPILOG = """\
@@ -41,17 +42,9 @@ NO_MODEL = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
-
-    def error(self, message: str):
-        prog = self.prog
-        self.exit(EXIT_ERROR, f"error: {' '.join(message.split())} (see {prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `s2dit` argument parser."""
-    parser = _Parser(
+    parser = Parser(
         prog="s2dit",
         description="S2DiT streaming text-to-video generation, native in MLX.",
         epilog="Run 's2dit COMMAND --help' for the options of a command.",
@@ -64,9 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a video from a text prompt",
         description="Generate a video from a text prompt.",
         epilog=GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    gen.add_argument("prompt", help="what the video should show")
+    gen.add_argument("prompt", type=text, help="what the video should show")
     gen.add_argument(
         "--model",
         "-m",
@@ -99,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale (1 = no guidance)",
     )
     gen.add_argument(
-        "--negative-prompt", metavar="TEXT", help="what the video should not show (with guidance)"
+        "--negative-prompt",
+        type=text,
+        metavar="TEXT",
+        help="what the video should not show (with guidance)",
     )
     gen.add_argument(
         "--shift", type=float, metavar="S", help="timestep shift of the noise schedule"
@@ -148,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=lambda _args: export.print_help() or EXIT_ERROR)
     from .coreml.cli import add_coreml_parser  # no coremltools import until the command runs
 
-    add_coreml_parser(export.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser))
+    add_coreml_parser(export.add_subparsers(dest="format", metavar="FORMAT"))
     return parser
 
 
@@ -322,16 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
         return args.func(args)
 
-    try:
-        return run_cli(body)
-    except OSError as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        reason = exc.strerror or " ".join(str(exc).split())
-        print(f"error: {reason}{where}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(body)
 
 
 if __name__ == "__main__":

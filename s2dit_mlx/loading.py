@@ -11,7 +11,8 @@ A model folder holds:
 Components are looked up by their "type" in a registry ("patch" VAE, "byte" text encoder
 built in); `register_component` adds more (the Wan VAE and umT5 do). Loading is strict:
 any missing, unexpected or mis-shaped weight, unknown type, unreadable file or bad JSON
-raises S2DiTError with one line naming the folder and the problem.
+raises S2DiTError with one line naming the folder and the problem, and so does a weight
+holding NaN or infinity (screened with one sum per weight, in the same pass as the load).
 """
 
 from __future__ import annotations
@@ -218,7 +219,32 @@ def load_weights_strict(
         if not mx.issubdtype(w.dtype, mx.floating) and not packed:
             raise S2DiTError(f"{where}: weight {name} in {file} has non-float dtype {w.dtype}")
     module.load_weights(list(weights.items()), strict=True)
-    mx.eval(module.parameters())
+    sums = _weight_sums(weights)
+    mx.eval(module.parameters(), sums)  # one pass reads the weights and screens them
+    _check_finite(weights, sums, where, file)
+
+
+def _weight_sums(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    # One sum per floating weight, evaluated with the load: a NaN or an infinity makes it
+    # non-finite. A plain sum is 3-5x cheaper on the CPU than isfinite(w).all().
+    return {n: w.sum() for n, w in weights.items() if mx.issubdtype(w.dtype, mx.floating)}
+
+
+def _check_finite(
+    weights: dict[str, mx.array], sums: dict[str, mx.array], where: str, file: str
+) -> None:
+    """Raise S2DiTError naming the first weight (by name) that holds a NaN or an infinity."""
+    if not sums or mx.isfinite(mx.stack(list(sums.values()))).all().item():
+        return
+    # A non-finite sum can also be an overflow (many large float16 values): check exactly.
+    for name in sorted(sums):
+        w = weights[name]
+        if not mx.isfinite(sums[name]).item() and not mx.isfinite(w).all().item():
+            what = "NaN" if mx.isnan(w).any().item() else "infinite"
+            raise S2DiTError(
+                f"{where}: weight {name} in {file} holds {what} values (a diverged training "
+                "run or a broken conversion); the model cannot generate from it"
+            )
 
 
 def _build_dit(cfg: Any, where: str) -> nn.Module:

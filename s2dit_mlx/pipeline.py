@@ -40,6 +40,7 @@ from .errors import S2DiTError
 from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
 from .streaming import stream_latent_chunks
+from .validate import check_text
 from .video_io import to_uint8
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -161,10 +162,8 @@ class Pipeline:
         return s
 
     def _validate(self, s: GenerationSettings) -> None:
-        if not isinstance(s.prompt, str):
-            raise S2DiTError(f"prompt must be a string, got {type(s.prompt).__name__}")
-        if not isinstance(s.negative_prompt, str):
-            raise S2DiTError("negative prompt must be a string")
+        check_text(s.prompt, "prompt")
+        check_text(s.negative_prompt, "negative prompt")
         tf = self.vae.temporal_factor
         if not _is_int(s.frames) or s.frames < 1 or (s.frames - 1) % tf:
             examples = ", ".join(str(1 + tf * k) for k in range(5))

@@ -369,6 +369,28 @@ def check_sidecar(output: str | os.PathLike) -> Path:
     return target
 
 
+def _any_default(obj: Any) -> Any:
+    try:
+        return _json_default(obj)
+    except TypeError:
+        return repr(obj)  # a record of it beats no sidecar
+
+
+def metadata_json(meta: dict) -> str:
+    """``meta`` as JSON text that always encodes as UTF-8 (it cannot fail on content).
+
+    Readable text stays as it is; a string that is not valid Unicode (a file name with
+    non-UTF-8 bytes, a lone surrogate) makes the whole record ASCII with \\u escapes, which
+    json.load reads back to the same strings.
+    """
+    text = json.dumps(meta, indent=2, ensure_ascii=False, default=_any_default) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(meta, indent=2, ensure_ascii=True, default=_any_default) + "\n"
+    return text
+
+
 def write_metadata(output: str | os.PathLike, meta: dict) -> Path:
     """Atomically write ``meta`` as JSON beside ``output``; return the sidecar path.
 
@@ -376,7 +398,7 @@ def write_metadata(output: str | os.PathLike, meta: dict) -> Path:
     """
     target = check_sidecar(output)
     meta = {SIDECAR_KEY: SIDECAR_VERSION, **{k: v for k, v in meta.items() if k != SIDECAR_KEY}}
-    text = json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    text = metadata_json(meta)
     tmp = _temp_name(target)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -245,20 +245,21 @@ def test_long_clips_fill_every_nth_batch_in_order(tmp_path, monkeypatch):
 
 
 BAD_SETTINGS = [
-    (["--background-dropout", "1.5"], "--background-dropout takes a probability in [0, 1]"),
+    (["--background-dropout", "1.5"], "argument --background-dropout: expected a probability"),
     (["--clip-frames", "32"], "--clip-frames takes 1 + 4k frames, k >= 1 (got 32)"),
-    (["--recycle-prob", "-0.1"], "--recycle-prob takes a probability in [0, 1]"),
-    (["--sink", "-1"], "--sink takes a number of chunks >= 0 (got -1)"),
-    (["--stream-sink", "-2"], "--stream-sink takes a number of chunks >= 0 (got -2)"),
-    (["--workers", "0"], "--workers takes a number of processes >= 1 (got 0)"),
+    (["--recycle-prob", "-0.1"], "argument --recycle-prob: expected a probability in [0, 1]"),
+    (["--sink", "-1"], "argument --sink: expected an integer >= 0, got '-1'"),
+    (["--stream-sink", "-2"], "argument --stream-sink: expected an integer >= 0, got '-2'"),
+    (["--workers", "0"], "argument --workers: expected a positive integer, got '0'"),
     (
         ["--long-clips", "8", "--long-every", "1"],
         "--long-clips takes a count >= 0 and --long-every a period >= 2 (got 8 and 1)",
     ),
     (["--long-clip-frames", "80"], "--long-clip-frames takes 1 + 4k frames, k >= 1 (got 80)"),
-    (["--t-shift", "0"], "--t-shift takes a finite number > 0 (got 0.0)"),
-    (["--motion-weight", "-1"], "--motion-weight takes a finite number >= 0 (got -1.0)"),
-    (["--object-weight", "inf"], "--object-weight takes a finite number >= 0 (got inf)"),
+    (["--t-shift", "0"], "argument --t-shift: expected a positive number, got '0'"),
+    (["--motion-weight", "-1"], "argument --motion-weight: expected a finite number >= 0"),
+    (["--object-weight", "inf"], "argument --object-weight: expected a finite number >= 0"),
+    (["--clips", "0"], "argument --clips: expected a positive integer, got '0'"),
     (
         ["--steps", "0"],
         "--steps takes a count >= 1, or 0 with --init to skip the DiT stage (got 0)",
@@ -272,7 +273,8 @@ def test_recipe_rejects_a_bad_setting(tmp_path, capsys, flags, message):
     from train import default_model
 
     assert default_model.main(["--out", str(tmp_path / "run"), *flags]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {message}"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err
     assert not (tmp_path / "run").exists()
 
 

@@ -737,7 +737,7 @@ def test_average_keeps_bfloat16_weights(tmp_path):
         ("ac", [], "/a have different VAEs"),
         ("a", [], "give two or more model folders to average"),
         ("ab", ["--weights", "1"], "--weights takes one number per model (2), got 1"),
-        ("ab", ["--weights", "1", "-1"], "--weights takes finite numbers >= 0"),
+        ("ab", ["--weights", "1", "-1"], "argument --weights: expected a finite number >= 0"),
         ("ab", ["--weights", "0", "0"], "--weights takes finite numbers >= 0"),
         ("ax", [], "model folder"),
     ],

@@ -26,6 +26,7 @@ import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from s2dit_mlx.cli_args import Parser, non_negative_float
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_inputs, check_output_dir
 from s2dit_mlx.loading import ModelBundle, load_model, save_model
@@ -95,7 +96,7 @@ def average_models(bundles: list[ModelBundle], weights: list[float]) -> ModelBun
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m train.average`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m train.average",
         description="Average the DiT and text-encoder weights of model folders that share one "
         "VAE (continuations of one run) and write the result as a new model folder, with the "
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weights",
-        type=float,
+        type=non_negative_float,
         nargs="+",
         metavar="W",
         help="one weight per model, scaled to sum to 1 (default: equal)",

@@ -71,22 +71,51 @@ class VideoEncoder:
 
 
 def load_source(spec: str, **options) -> DataSource:
-    """A data source by name: "shapes" or "package.module:function" (called with **options)."""
+    """A data source by name: "shapes" or "package.module:function" (called with **options).
+
+    Raises S2DiTError (one line) when the module does not import, the name is not a function,
+    the function fails or returns something that is not a source.
+    """
     if spec == "shapes":
         return shapes_source(**options)
     if ":" not in spec:
         raise S2DiTError(f"unknown data source {spec!r}: use 'shapes' or 'package.module:function'")
     mod_name, fn_name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(mod_name)
+    except Exception as err:  # ImportError, or whatever importing the user's module raised
         raise S2DiTError(
-            f"cannot load data source {spec!r} ({type(err).__name__}: {err})"
+            f"cannot load data source {spec!r} ({type(err).__name__}: {_one_line(err)})"
         ) from None
-    accepted = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        return fn(**options)
-    return fn(**{k: v for k, v in options.items() if k in accepted})
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise S2DiTError(f"cannot load data source {spec!r}: {mod_name} has no {fn_name!r}")
+    if not callable(fn):
+        raise S2DiTError(
+            f"data source {spec!r} is not a function (it is of type {type(fn).__name__})"
+        )
+    try:
+        accepted = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        accepted = {}
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        options = {k: v for k, v in options.items() if k in accepted}
+    try:
+        source = fn(**options)
+    except Exception as err:  # the user's function: report it in one line
+        raise S2DiTError(
+            f"data source {spec!r} failed ({type(err).__name__}: {_one_line(err)})"
+        ) from None
+    if not callable(source):
+        raise S2DiTError(
+            f"data source {spec!r} returned an object of type {type(source).__name__}; it must "
+            "return a function source(indices) -> dict"
+        )
+    return source
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def shapes_source(

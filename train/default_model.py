@@ -80,9 +80,10 @@ import math
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 # isort: off
 import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
@@ -92,6 +93,15 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from s2dit_mlx.cli_args import (
+    Parser,
+    decay,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from s2dit_mlx.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -362,10 +372,42 @@ def continue_from(model_dir: Path, out: Path, sink: int | None = None) -> Path:
     bundle = load_model(model_dir)
     if sink is not None:
         bundle.dit.args.sink = sink
-    if bundle.text_encoder.tokenizer is None:
+    if getattr(bundle.text_encoder, "tokenizer", None) is None:
         raise S2DiTError(f"--init: {model_dir} has no text-encoder tokenizer")
     bundle.text_encoder.tokenizer.save(out / "tokenizer.json")  # latents_source reads it
     return save_as(bundle, init, mx.float32)  # train in float32 even from a float16 folder
+
+
+def check_init_folder(model_dir: Path) -> None:
+    """S2DiTError unless `model_dir` loads and its text encoder has a tokenizer (for --init)."""
+    bundle = load_model(model_dir)
+    if getattr(bundle.text_encoder, "tokenizer", None) is None:
+        raise S2DiTError(
+            f"--init: {model_dir} has no text-encoder tokenizer (the recipe tokenizes captions "
+            "for a umT5 text encoder)"
+        )
+
+
+def check_vae_folder(vae_dir: Path, clip_frames: Iterable[int]) -> None:
+    """S2DiTError unless `vae_dir` is a VAE component folder that encodes clips this long."""
+    from s2dit_mlx.loading import CONFIG_NAME, WEIGHTS_NAME, _read_json, load_weights_strict
+
+    where = f"--vae {vae_dir}"
+    if not vae_dir.is_dir():
+        raise S2DiTError(f"{where}: no such folder (give RUN_DIR/vae of a train.vae run)")
+    cfg = _read_json(vae_dir / CONFIG_NAME, where)
+    if cfg.get("type") not in VAE_TYPES:
+        raise S2DiTError(f"{where}: unknown VAE type {cfg.get('type')!r} (known: wan, patch)")
+    config_cls, model_cls = VAE_TYPES[cfg["type"]]
+    try:
+        vae = model_cls(config_cls.from_dict(cfg))
+    except S2DiTError as err:
+        raise S2DiTError(f"{where}: {err}") from None
+    load_weights_strict(vae, vae_dir / WEIGHTS_NAME, where)
+    tf = vae.temporal_factor
+    for frames in clip_frames:
+        if (frames - 1) % tf:
+            raise S2DiTError(f"{where}: this VAE needs {tf}k + 1 frames per clip, not {frames}")
 
 
 def trimmed_captions(tokenizer: Tokenizer) -> int:
@@ -381,12 +423,21 @@ def folder_mb(path: Path) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m train.default_model`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m train.default_model",
         description="Train the built-in default S2DiT on the moving-shapes world.",
     )
-    p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--vae", metavar="DIR", help="a trained VAE component folder (train.vae)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder (VAE run, tokenizer, latents, DiT runs, the model folder)",
+    )
+    p.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="a trained VAE component folder (RUN_DIR/vae of train.vae); skips the VAE stage",
+    )
     p.add_argument(
         "--init",
         metavar="MODEL_DIR",
@@ -402,17 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the 16 ids the encoder reads (the earlier model); ignored with --init, which keeps "
         "the model's tokenizer",
     )
-    p.add_argument("--vae-steps", type=int, default=3000, help="VAE steps when --vae is not given")
+    p.add_argument(
+        "--vae-steps", type=positive_int, default=3000, help="VAE steps when --vae is not given"
+    )
     p.add_argument(
         "--vae-arch", choices=["wan", "patch"], default="patch", help="VAE to train without --vae"
     )
     p.add_argument(
-        "--vae-mlp-blocks", type=int, default=2, help="patch VAE: residual MLP blocks per side"
+        "--vae-mlp-blocks",
+        type=non_negative_int,
+        default=2,
+        help="patch VAE: residual MLP blocks per side",
     )
-    p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
+    p.add_argument("--clips", type=positive_int, default=4000, help="training clips to encode")
     p.add_argument(
         "--clip-frames",
-        type=int,
+        type=positive_int,
         default=CLIP_FRAMES,
         help=f"frames per training clip, 1 + 4k (default {CLIP_FRAMES}, 2 s); a motion spans "
         f"{CLIP_FRAMES} frames and longer clips show what follows in a long stream (objects "
@@ -420,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--long-clips",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="also encode this many long clips (--long-clip-frames, drawn with --seed + 1) and "
         "train every --long-every-th batch on them: short clips teach the motions, long ones "
@@ -428,52 +484,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--long-clip-frames",
-        type=int,
+        type=positive_int,
         default=81,
         help="frames per long clip, 1 + 4k (default 81, 5 s)",
     )
     p.add_argument(
         "--long-every",
-        type=int,
+        type=positive_int,
         default=4,
         help="every Nth batch is long clips, N >= 2 (default 4)",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=1,
         help="processes drawing the training clips (the same clips for any number; drawing "
         "them is most of the encoding time when a GPU encodes) (default 1)",
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=non_negative_int,
         default=3000,
         help="DiT training steps (0 with --init: skip the DiT stage, e.g. to run only the "
         "palette stage on a folder from train.average)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the DiT (0: off)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="DiT training clips per step"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of the DiT")
+    p.add_argument("--ema", type=decay, default=0.0, help="EMA decay of the DiT (0: off)")
     p.add_argument(
         "--palette-steps",
-        type=int,
+        type=non_negative_int,
         default=300,
         help="last stage: palette-aware DiT fine-tune steps, so the Core ML palette export of "
         "the model is exact (train.dit --palette-bits; 0: skip)",
     )
-    p.add_argument("--palette-bits", type=int, default=6, help="palette size 2^N of that stage")
-    p.add_argument("--palette-lr", type=float, default=1e-4, help="peak lr of that stage")
+    p.add_argument(
+        "--palette-bits",
+        type=non_negative_int,
+        default=6,
+        help="palette size 2^N of that stage, 1..8",
+    )
+    p.add_argument("--palette-lr", type=positive_float, default=1e-4, help="peak lr of that stage")
     p.add_argument(
         "--background-dropout",
-        type=float,
+        type=probability,
         default=0.2,
         help="probability that a training caption loses its background clause, so prompts "
         'without one ("a red circle moving left") are in distribution (default 0.2)',
     )
     p.add_argument(
         "--t-shift",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="shift of the training noise levels (train.dit --shift): 3 matches the sampler's "
         "default and trains the near-pure-noise steps where a clip's layout is decided "
@@ -481,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recycle-prob",
-        type=float,
+        type=probability,
         default=0.0,
         help="probability that a clean streaming context is the model's own prediction of it "
         "(train.dit --recycle-prob; 1.8x the step time here; it made the built-in model's "
@@ -489,32 +552,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--motion-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="extra loss weight where the clip moves (train.dit --motion-weight) (default 0)",
     )
     p.add_argument(
         "--object-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="extra loss weight where the object is, moving or not (train.dit --object-weight) "
         "(default 0)",
     )
     p.add_argument(
         "--sink",
-        type=int,
+        type=non_negative_int,
         help="first chunks every later chunk's softmax attention keeps seeing, in training "
         "and in the saved model's streaming cache (default: the --init model's, else 1)",
     )
     p.add_argument(
         "--stream-sink",
-        type=int,
+        type=non_negative_int,
         help="sink chunks of the saved model's streaming cache only; training keeps --sink "
         "(the shipped model: trained with 1, streams with 0) (default: as trained)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the DiT run")
-    p.add_argument("--install", action="store_true", help="copy the result into the package")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the VAE run, the clips and the DiT init (use a new one with --init)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the VAE and DiT runs in RUN_DIR")
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the result into the package as the built-in model",
+    )
     return p
 
 
@@ -534,8 +606,9 @@ def vae_stage(args: argparse.Namespace, out: Path) -> Path:
         vae_argv += ["--hidden-dim", "256", "--mlp-blocks", str(args.vae_mlp_blocks)]
     if args.resume:
         vae_argv.append("--resume")  # from step 0 when the VAE run has no checkpoint yet
-    if train_vae.main(vae_argv) != 0:
-        raise S2DiTError("VAE training failed")
+    # run(), not main(): an error or Ctrl-C reaches this command's run_cli as one line
+    path = _stage("VAE", lambda: train_vae.run(train_vae.build_parser().parse_args(vae_argv)))
+    print(f"VAE written to {path}")
     return vae_dir
 
 
@@ -553,9 +626,16 @@ def dit_stage(args: argparse.Namespace, model: Path, run_dir: Path, settings: li
     ]  # fmt: skip
     if args.resume:
         dit_argv.append("--resume")
-    if train_dit.main(dit_argv) != 0:
-        raise S2DiTError(f"DiT training failed ({run_dir.name} stage)")
+    _stage(f"DiT ({run_dir.name})", lambda: train_dit.run(train_dit._parse(dit_argv)))
     return run_dir / "model"
+
+
+def _stage(name: str, body: Callable[[], Any]) -> Any:
+    """body(), with the stage named in its error."""
+    try:
+        return body()
+    except S2DiTError as err:
+        raise S2DiTError(f"{name} stage: {err}") from None
 
 
 def palette_stage(args: argparse.Namespace, out: Path, trained: Path) -> Path:
@@ -608,6 +688,10 @@ def run(args: argparse.Namespace) -> Path:
         )
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
+    if args.init:
+        check_init_folder(Path(args.init))
+    if args.vae:
+        check_vae_folder(Path(args.vae), (args.clip_frames, args.long_clip_frames))
     inputs = [("--init model folder", args.init), ("--vae folder", args.vae)]
     out = mark_run_dir(check_run_dir(args.out, inputs=inputs), "train.default_model")
     if args.init:
@@ -668,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         run(build_parser().parse_args(argv))
 
-    return run_cli(body)
+    return run_cli(body, interrupted="interrupted (the last checkpoint is intact; use --resume)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from s2dit_mlx.cli_args import (
+    Parser,
+    decay,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    text,
+)
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
 
@@ -66,18 +76,18 @@ in [-1, 1], "captions": [...]} or {"latents": [B,T,h,w,C], "context": [B,L,D]}.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m train.dit`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m train.dit",
         description="Train an S2DiT with flow matching (full or LoRA), with exact resume.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="start from this model folder or Hugging Face id")
     g.add_argument(
         "--config",
         metavar="JSON",
-        help="model-folder config.json (dit, vae, text_encoder, defaults) to train from scratch",
+        help="model-folder config.json (dit, vae, text_encoder, defaults) to train from scratch; "
+        "files a component needs (a umT5 tokenizer) are read from the folder beside it",
     )
     g.add_argument(
         "--out",
@@ -91,18 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="shapes", metavar="SOURCE", help="'shapes' or 'package.module:function'"
     )
     g.add_argument(
-        "--frames", type=int, metavar="N", help="pixel frames per clip (1 + 4k; default: model's)"
+        "--frames",
+        type=positive_int,
+        metavar="N",
+        help="pixel frames per clip (1 + 4k for a 4x VAE; default: the model's)",
     )
     g.add_argument(
-        "--height", type=int, metavar="N", help="clip height in pixels (default: model's)"
+        "--height", type=positive_int, metavar="N", help="clip height in pixels (default: model's)"
     )
-    g.add_argument("--width", type=int, metavar="N", help="clip width in pixels (default: model's)")
+    g.add_argument(
+        "--width", type=positive_int, metavar="N", help="clip width in pixels (default: model's)"
+    )
     g.add_argument(
         "--caption-dropout",
-        type=float,
+        type=probability,
         metavar="X",
         default=0.1,
-        help="probability of an empty caption, for classifier-free guidance (default 0.1)",
+        help="probability of an empty caption, for classifier-free guidance",
     )
 
     g = p.add_argument_group("objective")
@@ -111,20 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bidirectional", "streaming"),
         help="bidirectional, or streaming (block-causal, per-chunk noise); default: model's mode",
     )
-    g.add_argument("--t-dist", choices=T_DISTS, default="logit_normal", help="noise-level law")
     g.add_argument(
-        "--shift", type=float, metavar="X", default=1.0, help="timestep shift of drawn levels"
+        "--t-dist", choices=T_DISTS, default="logit_normal", help="law of the drawn noise levels"
+    )
+    g.add_argument(
+        "--shift",
+        type=positive_float,
+        metavar="X",
+        default=1.0,
+        help="timestep shift of drawn levels (1: none)",
     )
     g.add_argument(
         "--clean-context-prob",
-        type=float,
+        type=probability,
         metavar="X",
         default=0.25,
-        help="streaming: probability of clean (t=0) leading chunks (default 0.25)",
+        help="streaming: probability of clean (t=0) leading chunks",
     )
     g.add_argument(
         "--recycle-prob",
-        type=float,
+        type=probability,
         metavar="X",
         default=0.0,
         help="streaming: probability that a clean context is replaced by the model's own "
@@ -133,15 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--recycle-max-sigma",
-        type=float,
+        type=probability,
         metavar="X",
         default=0.5,
-        help="recycled context chunks are predicted from noise levels uniform in [0, X] "
-        "(default 0.5)",
+        help="recycled context chunks are predicted from noise levels uniform in [0, X], X > 0",
     )
     g.add_argument(
         "--motion-weight",
-        type=float,
+        type=non_negative_float,
         metavar="A",
         default=0.0,
         help="weight each latent position's error by 1 + A x (how much the clean latent changes "
@@ -150,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--object-weight",
-        type=float,
+        type=non_negative_float,
         metavar="B",
         default=0.0,
         help="add B x (how far the clean latent is from its frame's background there, over its "
@@ -164,60 +184,84 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Core ML palette")
     g.add_argument(
         "--palette-bits",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         default=0,
-        help="train through a 2^N-value k-means palette per weight (straight-through) and save "
-        "the snapped weights, so `export coreml --compress paletteN` is exact (0: off; "
-        "a fine-tune of a few hundred steps at a low lr suits it)",
+        help="train through a 2^N-value k-means palette per weight (straight-through), N in "
+        "1..8, and save the snapped weights, so `export coreml --compress paletteN` is exact "
+        "(default 0: off; a fine-tune of a few hundred steps at a low lr suits it)",
     )
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    g.add_argument("--rank", type=int, metavar="N", default=8, help="LoRA rank (default 8)")
+    g.add_argument("--rank", type=positive_int, metavar="N", default=8, help="LoRA rank")
     g.add_argument(
-        "--alpha", type=float, metavar="X", default=16.0, help="LoRA alpha; scale = alpha / rank"
+        "--alpha",
+        type=positive_float,
+        metavar="X",
+        default=16.0,
+        help="LoRA alpha; update scale = alpha / rank",
     )
     g.add_argument(
-        "--lora-dropout", type=float, metavar="X", default=0.0, help="dropout on the adapter input"
+        "--lora-dropout",
+        type=decay,
+        metavar="X",
+        default=0.0,
+        help="dropout on the adapter input, in [0, 1)",
     )
     g.add_argument(
         "--layers",
         default=DEFAULT_LAYERS,
         metavar="PATTERNS",
-        help=f"comma-separated layer patterns (fnmatch, per block) (default: {DEFAULT_LAYERS})",
+        help="comma-separated layer patterns (fnmatch, per block)",
     )
 
     g = p.add_argument_group("optimisation")
     g.add_argument(
-        "--steps", type=int, metavar="N", default=1000, help="optimizer updates (default 1000)"
+        "--steps", type=positive_int, metavar="N", default=1000, help="optimizer updates"
     )
     g.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         metavar="N",
         default=4,
-        help="global clips per micro-batch (default 4)",
+        help="global clips per micro-batch (all processes together)",
     )
     g.add_argument(
-        "--accum", type=int, metavar="N", default=1, help="micro-batches per update (default 1)"
+        "--accum", type=positive_int, metavar="N", default=1, help="micro-batches per update"
     )
     g.add_argument(
-        "--lr", type=float, metavar="X", default=1e-4, help="peak learning rate (default 1e-4)"
-    )
-    g.add_argument("--warmup", type=int, metavar="N", default=0, help="linear warmup steps")
-    g.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="after warmup")
-    g.add_argument(
-        "--min-lr-ratio", type=float, metavar="X", default=0.0, help="cosine floor as a fraction"
+        "--lr", type=positive_float, metavar="X", default=1e-4, help="peak learning rate"
     )
     g.add_argument(
-        "--weight-decay", type=float, metavar="X", default=0.0, help="AdamW weight decay"
+        "--warmup", type=non_negative_int, metavar="N", default=0, help="linear warmup steps"
     )
     g.add_argument(
-        "--grad-clip", type=float, metavar="X", default=1.0, help="global norm clip (0: off)"
+        "--schedule", choices=SCHEDULES, default="cosine", help="learning rate after warmup"
     )
     g.add_argument(
-        "--ema", type=float, metavar="X", default=0.0, help="EMA decay, e.g. 0.999 (0: off)"
+        "--min-lr-ratio",
+        type=probability,
+        metavar="X",
+        default=0.0,
+        help="cosine floor as a fraction of --lr",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        metavar="X",
+        default=0.0,
+        help="AdamW weight decay",
+    )
+    g.add_argument(
+        "--grad-clip",
+        type=non_negative_float,
+        metavar="X",
+        default=1.0,
+        help="global gradient norm clip (0: off)",
+    )
+    g.add_argument(
+        "--ema", type=decay, metavar="X", default=0.0, help="EMA decay, e.g. 0.999 (0: off)"
     )
     g.add_argument(
         "--grad-checkpoint",
@@ -227,38 +271,57 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile", action="store_true", help="run the step eagerly")
     g.add_argument(
         "--skip-nonfinite",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         default=0,
         help="skip up to N steps whose loss or gradient is NaN/inf (no update) before stopping; "
-        "by default the first one stops the run with an error, keeping the last checkpoint "
-        "(default 0)",
+        "by default the first one stops the run with an error, keeping the last checkpoint",
     )
     g.add_argument(
-        "--seed", type=int, metavar="N", default=0, help="seed of data order, noise and init"
+        "--seed",
+        type=non_negative_int,
+        metavar="N",
+        default=0,
+        help="seed of data order, noise and init",
     )
 
     g = p.add_argument_group("bookkeeping")
     g.add_argument(
-        "--checkpoint-every", type=int, metavar="N", default=0, help="steps between checkpoints"
+        "--checkpoint-every",
+        type=non_negative_int,
+        metavar="N",
+        default=0,
+        help="steps between checkpoints (0: only at the end and when stopped)",
     )
-    g.add_argument("--keep", type=int, metavar="N", default=2, help="checkpoints to keep (0: all)")
     g.add_argument(
-        "--sample-every", type=int, metavar="N", default=0, help="steps between sample videos"
+        "--keep", type=non_negative_int, metavar="N", default=2, help="checkpoints to keep (0: all)"
+    )
+    g.add_argument(
+        "--sample-every",
+        type=non_negative_int,
+        metavar="N",
+        default=0,
+        help="steps between sample videos (0: none)",
     )
     g.add_argument(
         "--sample-prompt",
         action="append",
+        type=text,
         metavar="TEXT",
         help="prompt for sample videos (repeatable; default: a red circle moving left)",
     )
-    g.add_argument("--sample-steps", type=int, metavar="N", help="denoising steps of samples")
+    g.add_argument(
+        "--sample-steps",
+        type=positive_int,
+        metavar="N",
+        help="denoising steps of samples (default: the model's)",
+    )
     g.add_argument(
         "--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint"
     )
     g.add_argument(
         "--until",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="stop (with a checkpoint) after this step, keeping the schedule of --steps",
     )
@@ -273,52 +336,201 @@ _PER_CALL = ("resume", "until")
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run_json = Path(args.out) / "run.json"
+    out = Path(args.out)
+    run_json = out / "run.json"
     if args.resume and run_json.is_file():
         # Saved settings become the defaults; flags given now still win.
-        saved = json.loads(run_json.read_text(encoding="utf-8"))
+        saved = _read_run_json(run_json)
         known = {a.dest for a in parser._actions}
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in _PER_CALL})
         args = parser.parse_args(argv)
+    elif args.resume and not (args.model or args.config):
+        why = "it has no run.json" if out.is_dir() else "it does not exist"
+        raise S2DiTError(
+            f"nothing to resume in {out}: {why} (start a run with --model DIR or --config JSON)"
+        )
     return args
 
 
+def _read_run_json(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        msg = " ".join(str(err).split())
+        raise S2DiTError(f"cannot resume: {path} is unreadable ({msg})") from None
+    if not isinstance(saved, dict):
+        raise S2DiTError(f"cannot resume: {path} must hold a JSON object")
+    return saved
+
+
 def _build_from_config(path: str, seed: int):
-    """Random-initialised (dit, vae, text_encoder, defaults) from a model-folder config.json."""
-    from s2dit_mlx.loading import _build_component, _build_dit, _check_defaults, _read_json
+    """Random-initialised (dit, vae, text_encoder, defaults) from a model-folder config.json.
+
+    Component folders beside the config (vae/, text_encoder/) complete it as in a model folder;
+    files a component keeps there (the umT5 tokenizer.json) are read from them.
+    """
+    from s2dit_mlx.loading import (
+        CONFIG_NAME,
+        _build_component,
+        _build_dit,
+        _check_compatible,
+        _check_defaults,
+        _read_json,
+    )
 
     where = f"config {path}"
+    folder = Path(path).parent
     cfg = _read_json(Path(path), where)
     for kind in ("dit", "vae", "text_encoder"):
         if kind not in cfg:
             raise S2DiTError(f'{where}: no "{kind}" entry')
     mx.random.seed(seed)
     dit = _build_dit(cfg["dit"], where)
-    vae = _build_component("vae", cfg["vae"], where)
-    text_encoder = _build_component("text_encoder", cfg["text_encoder"], where)
+    components = {}
+    for kind in ("vae", "text_encoder"):
+        sub_cfg, sub = cfg[kind], folder / kind / CONFIG_NAME
+        if isinstance(sub_cfg, dict) and sub.is_file():
+            sub_cfg = {**sub_cfg, **_read_json(sub, where)}
+        components[kind] = _build_component(kind, sub_cfg, where)
+    vae, text_encoder = components["vae"], components["text_encoder"]
+    _check_compatible(dit, vae, text_encoder, where)
+    for kind, module in components.items():
+        if hasattr(module, "load_assets"):
+            try:
+                module.load_assets(folder / kind)
+            except S2DiTError as err:
+                raise S2DiTError(
+                    f"{where}: {err} (it is read from the {kind}/ folder beside the config: "
+                    "copy that folder there, or start from the model folder with --model)"
+                ) from None
     mx.eval(dit.parameters(), vae.parameters(), text_encoder.parameters())
     return dit, vae, text_encoder, _check_defaults(cfg.get("defaults"), where)
 
 
-def _load_components(args: argparse.Namespace, rank: int, world_size: int):
-    from s2dit_mlx.loading import load_model, save_model
+def _load_components(args: argparse.Namespace):
+    """(dit, vae, text_encoder, defaults, base id, init) without writing anything.
 
-    if bool(args.model) == bool(args.config):
-        raise S2DiTError("give exactly one of --model DIR or --config JSON")
+    `init` is the folder a model built from --config must be saved to before training (None
+    when nothing is to be saved: --model, or a resumed run whose init/ exists).
+    """
+    from s2dit_mlx.loading import load_model
+
     if args.model:
         b = load_model(args.model)
-        return b.dit, b.vae, b.text_encoder, b.defaults, str(args.model)
+        return b.dit, b.vae, b.text_encoder, b.defaults, str(args.model), None
     init = Path(args.out) / "init"
-    if not (init / "config.json").is_file():
-        # Persist the random start, so a resume (or another process) sees the same frozen parts.
-        if rank == 0:
-            dit, vae, te, defaults = _build_from_config(args.config, args.seed)
-            mark_run_dir(args.out, "train.dit")
-            save_model(init, dit, vae, te, defaults=defaults)
-        if world_size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
-    b = load_model(init)
-    return b.dit, b.vae, b.text_encoder, b.defaults, str(init)
+    if (init / "config.json").is_file():
+        b = load_model(init)
+        return b.dit, b.vae, b.text_encoder, b.defaults, str(init), None
+    # Every process builds the same random start (same seed); rank 0 saves it once checked.
+    dit, vae, te, defaults = _build_from_config(args.config, args.seed)
+    return dit, vae, te, defaults, str(init), init
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model; S2DiTError before anything is loaded or written."""
+    if bool(args.model) == bool(args.config):
+        raise S2DiTError("give exactly one of --model DIR or --config JSON")
+    if args.palette_bits and (args.lora or args.palette_bits not in PALETTE_BITS):
+        raise S2DiTError("--palette-bits takes 1..8 and trains all weights (not with --lora)")
+    if args.lora:
+        _lora_config(args).validate()
+    _train_config(args).validate()
+
+
+def _check_sizes(dit, vae, frames: int, height: int, width: int) -> None:
+    """Clip sizes the VAE and the DiT take: frames tf k + 1, sides multiples of the grid."""
+    tf = vae.temporal_factor
+    if frames < 1 or (frames - 1) % tf:
+        examples = ", ".join(str(1 + tf * k) for k in range(1, 5))
+        raise S2DiTError(
+            f"frames {frames} (--frames) must be {tf}k + 1 for the model's VAE ({examples}, ...)"
+        )
+    multiple = vae.spatial_factor * dit.args.spatial_multiple()
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            low = value // multiple * multiple
+            near = f"{low} or {low + multiple}" if low else f"{multiple}"
+            raise S2DiTError(
+                f"{name} {value} (--{name}) is not divisible by {multiple} (VAE factor "
+                f"{vae.spatial_factor} x patch x SSA stride); try {near}"
+            )
+
+
+def _check_source(source, spec: str, frames: int, height: int, width: int, in_dim: int) -> None:
+    """Draw sample 0 once: the source must give what the trainer reads, at the run's sizes."""
+    try:
+        batch = source([0])
+    except Exception as err:  # the user's code: one line, before the run folder exists
+        msg = " ".join(str(err).split()) or type(err).__name__
+        raise S2DiTError(
+            f"data source {spec!r} failed on sample 0 ({type(err).__name__}: {msg})"
+        ) from None
+    expected = '{"video", "captions"} or {"latents", "context" (or "ids")}'
+    if not isinstance(batch, dict):
+        raise S2DiTError(
+            f"data source {spec!r} returned an object of type {type(batch).__name__}; expected "
+            f"a dict {expected}"
+        )
+    if "latents" in batch:
+        shape = tuple(getattr(batch["latents"], "shape", ()))
+        if len(shape) != 5 or shape[-1] != in_dim or not ({"context", "ids"} & batch.keys()):
+            raise S2DiTError(
+                f'data source {spec!r} gave "latents" of shape {shape} with keys '
+                f'{sorted(batch)}; expected [B, T, h, w, {in_dim}] latents and a "context" '
+                '(or token "ids")'
+            )
+    elif "video" in batch and "captions" in batch:
+        shape = tuple(getattr(batch["video"], "shape", ()))
+        if shape[1:] != (frames, height, width, 3):
+            raise S2DiTError(
+                f"data source {spec!r} gave clips of shape {shape}; the run needs "
+                f"[B, {frames}, {height}, {width}, 3] (--frames, --height, --width)"
+            )
+    else:
+        raise S2DiTError(
+            f"data source {spec!r} gave a dict with keys {sorted(batch)}; expected {expected}"
+        )
+
+
+def _lora_config(args: argparse.Namespace) -> LoRAConfig:
+    return LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.layers)
+
+
+def _flow_config(args: argparse.Namespace, mode: str) -> FlowConfig:
+    return FlowConfig(
+        mode=mode,
+        t_dist=args.t_dist,
+        shift=args.shift,
+        clean_context_prob=args.clean_context_prob,
+        recycle_prob=args.recycle_prob,
+        recycle_max_sigma=args.recycle_max_sigma,
+        motion_weight=args.motion_weight,
+        object_weight=args.object_weight,
+    )
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        accum=args.accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema=args.ema,
+        grad_checkpoint=args.grad_checkpoint,
+        compile=not args.no_compile,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep,
+        sample_every=args.sample_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+        skip_nonfinite=args.skip_nonfinite,
+    )
 
 
 def _sample_fn(args, vae, text_encoder, defaults, size, mode):
@@ -351,29 +563,48 @@ def _sample_fn(args, vae, text_encoder, defaults, size, mode):
 
 
 def run(args: argparse.Namespace) -> Trainer:
-    """Build everything from parsed arguments and train; returns the finished Trainer."""
+    """Build everything from parsed arguments and train; returns the finished Trainer.
+
+    Every setting, the model, the sizes and the data source are checked before the run folder
+    is written to.
+    """
     group = mx.distributed.init()
     rank, world_size = group.rank(), group.size()
+    _check_args(args)
     inputs = [("model folder", args.model), ("config file", args.config)]
     out = check_run_dir(args.out, inputs=inputs)
     if not args.resume and latest_checkpoint(out) is not None:
         raise S2DiTError(
             f"{out} already holds checkpoints; pass --resume to continue or choose another --out"
         )
-    dit, vae, text_encoder, defaults, base_id = _load_components(args, rank, world_size)
+    dit, vae, text_encoder, defaults, base_id, new_init = _load_components(args)
     frames = args.frames or defaults["frames"]
     height = args.height or defaults["height"]
     width = args.width or defaults["width"]
     mode = args.mode or defaults["mode"]
+    _check_sizes(dit, vae, frames, height, width)
+    flow_cfg = _flow_config(args, mode)
+    flow_cfg.validate()
+    source = load_source(args.data, seed=args.seed, frames=frames, height=height, width=width)
+    _check_source(source, args.data, frames, height, width, dit.args.in_dim)
+
+    # All checked: from here on the run folder is written.
+    if new_init is not None:
+        from s2dit_mlx.loading import save_model
+
+        # Persist the random start, so a resume (or another process) sees the same frozen parts.
+        if rank == 0:
+            mark_run_dir(out, "train.dit")
+            save_model(new_init, dit, vae, text_encoder, defaults=defaults)
+        if world_size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
 
     fingerprint = {"lora": bool(args.lora), "train_text_encoder": bool(args.train_text_encoder)}
     lora_cfg = None
-    if args.palette_bits and (args.lora or args.palette_bits not in PALETTE_BITS):
-        raise S2DiTError("--palette-bits takes 1..8 and trains all weights (not with --lora)")
     if args.palette_bits:
         fingerprint["palette_bits"] = args.palette_bits
     if args.lora:
-        lora_cfg = LoRAConfig(args.rank, args.alpha, args.lora_dropout, args.layers)
+        lora_cfg = _lora_config(args)
         fingerprint["base_sha256"] = weights_hash(dit)
         mx.random.seed(args.seed)  # adapter init (lora_a) depends on the seed only
         apply_lora(dit, lora_cfg)
@@ -385,40 +616,10 @@ def run(args: argparse.Namespace) -> Trainer:
         text_encoder.unfreeze()
     model = FlowModel(dit, text_encoder if args.train_text_encoder else None)
 
-    flow_cfg = FlowConfig(
-        mode=mode,
-        t_dist=args.t_dist,
-        shift=args.shift,
-        clean_context_prob=args.clean_context_prob,
-        recycle_prob=args.recycle_prob,
-        recycle_max_sigma=args.recycle_max_sigma,
-        motion_weight=args.motion_weight,
-        object_weight=args.object_weight,
-    )
-    train_cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        accum=args.accum,
-        lr=args.lr,
-        warmup=args.warmup,
-        schedule=args.schedule,
-        min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        ema=args.ema,
-        grad_checkpoint=args.grad_checkpoint,
-        compile=not args.no_compile,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep,
-        sample_every=args.sample_every,
-        seed=args.seed,
-        progress=not args.no_progress,
-        skip_nonfinite=args.skip_nonfinite,
-    )
+    train_cfg = _train_config(args)
     loss_fn = make_flow_loss(flow_cfg)
     if args.palette_bits:
         loss_fn = palette_aware_loss(loss_fn, args.palette_bits, palette_targets(dit))
-    source = load_source(args.data, seed=args.seed, frames=frames, height=height, width=width)
     prepare = VideoEncoder(
         vae,
         text_encoder,
@@ -487,11 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         run(_parse(argv))
 
-    try:
-        return run_cli(body)
-    except KeyboardInterrupt:
-        print("error: interrupted (the last checkpoint is intact; use --resume)", file=sys.stderr)
-        return 130
+    return run_cli(body, interrupted="interrupted (the last checkpoint is intact; use --resume)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.validate import check_field_types
 
 T_DISTS = ("logit_normal", "uniform", "shifted")
 MODES = ("bidirectional", "streaming")
@@ -57,6 +58,7 @@ class FlowConfig:
 
     def validate(self) -> None:
         """Raise S2DiTError on an unknown mode or distribution or a bad number."""
+        check_field_types(self, "flow config")
         if self.mode not in MODES:
             raise S2DiTError(f"flow mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.t_dist not in T_DISTS:

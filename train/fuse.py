@@ -13,15 +13,16 @@ import sys
 import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
 
 # isort: on
+from s2dit_mlx.cli_args import Parser
 from s2dit_mlx.errors import run_cli
 from s2dit_mlx.fsutil import check_inputs, check_output_dir
 
-from .lora import fuse_lora, load_adapters
+from .lora import fuse_lora, load_adapters, read_adapter_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m train.fuse`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m train.fuse",
         description="Merge a LoRA adapter (adapters.safetensors + adapter_config.json) into the "
         "DiT of a model folder and write the result as a new model folder.",
@@ -57,9 +58,15 @@ def fuse_cli(args: argparse.Namespace) -> None:
 
     inputs = [("model folder", args.model), ("adapter folder", args.adapter)]
     check_output_dir(args.out, "model", inputs=inputs, overwrite=args.overwrite)
+    read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
     bundle = load_model(args.model)
     check_inputs(args.out, [("model folder", bundle.path)])  # a hub id's local snapshot
-    load_adapters(bundle.dit, args.adapter, check_base=not args.no_check_base)
+    load_adapters(
+        bundle.dit,
+        args.adapter,
+        check_base=not args.no_check_base,
+        override_hint="pass --no-check-base",
+    )
     fuse_lora(bundle.dit)
     path = save_model(
         args.out, bundle.dit, bundle.vae, bundle.text_encoder, defaults=bundle.defaults

@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.fsutil import atomic_dir
+from s2dit_mlx.validate import check_field_types
 
 from .checkpoint import check_weights
 
@@ -59,6 +60,7 @@ class LoRAConfig:
 
     def validate(self) -> None:
         """Raise S2DiTError on a bad rank, alpha, dropout or empty pattern list."""
+        check_field_types(self, "LoRA config")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise S2DiTError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not np.isfinite(self.alpha) or self.alpha <= 0:
@@ -257,8 +259,16 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> LoRAConfig:
-    """Add the adapter folder's LoRA layers to `model` and load its weights (strict)."""
+def load_adapters(
+    model: nn.Module,
+    path: str | os.PathLike,
+    check_base: bool = True,
+    override_hint: str = "pass check_base=False",
+) -> LoRAConfig:
+    """Add the adapter folder's LoRA layers to `model` and load its weights (strict).
+
+    `override_hint` ends the message for a base-model mismatch (a CLI names its flag there).
+    """
     path = Path(path)
     where = f"adapter {path}"
     meta = read_adapter_config(path)
@@ -273,7 +283,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, check_base: bool = 
     if check_base and want and weights_hash(model) != want:
         raise S2DiTError(
             f"{where} was trained on a different base model (weights sha256 differs); "
-            "pass check_base=False to load it anyway"
+            f"{override_hint} to load it anyway"
         )
     try:
         weights = mx.load(str(path / ADAPTER_WEIGHTS), format="safetensors")

@@ -38,6 +38,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.validate import check_field_types
 
 from . import rng
 from .checkpoint import (
@@ -85,10 +86,13 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a dict, ignoring unknown keys."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        check_field_types(config, "train config")
+        return config
 
     def validate(self) -> None:
         """Raise S2DiTError naming the first bad setting."""
+        check_field_types(self, "train config")
         for name in ("steps", "batch_size", "accum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

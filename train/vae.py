@@ -23,7 +23,15 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from s2dit_mlx.errors import run_cli
+from s2dit_mlx.cli_args import (
+    Parser,
+    decay,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import atomic_dir, check_run_dir, mark_run_dir
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
@@ -31,6 +39,8 @@ from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from . import rng
 from .data import shapes_source
 from .trainer import TrainConfig, Trainer, write_run_config
+
+STATS_FRAMES = 9  # clip length of the latent statistics
 
 
 def vae_loss(vae, batch: dict, keys: mx.array, kl_weight: float) -> mx.array:
@@ -101,7 +111,7 @@ def save_component(vae, out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m train.vae`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m train.vae",
         description="Train a small Wan-architecture VAE on procedural moving-shapes clips.",
     )
@@ -112,29 +122,80 @@ def build_parser() -> argparse.ArgumentParser:
         default="wan",
         help="wan: Wan 2.1 VAE architecture; patch: the small causal patch VAE",
     )
-    p.add_argument("--base-dim", type=int, default=8, help="Wan VAE: width of the first level")
-    p.add_argument("--hidden-dim", type=int, default=256, help="patch VAE: hidden width")
     p.add_argument(
-        "--mlp-blocks", type=int, default=0, help="patch VAE: residual MLP blocks on each side"
+        "--base-dim", type=positive_int, default=8, help="Wan VAE: width of the first level"
     )
-    p.add_argument("--z-dim", type=int, default=16, help="latent channels")
-    p.add_argument("--res-blocks", type=int, default=1, help="residual blocks per level")
-    p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
-    p.add_argument("--frames", type=int, default=5, help="frames per training clip (4k + 1)")
+    p.add_argument("--hidden-dim", type=positive_int, default=256, help="patch VAE: hidden width")
     p.add_argument(
-        "--crop", type=int, default=32, help="train on crop x crop windows around the object"
+        "--mlp-blocks",
+        type=non_negative_int,
+        default=0,
+        help="patch VAE: residual MLP blocks on each side",
     )
-    p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--ema", type=float, default=0.0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--z-dim", type=positive_int, default=16, help="latent channels")
+    p.add_argument(
+        "--res-blocks", type=positive_int, default=1, help="Wan VAE: residual blocks per level"
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=64,
+        help="frame height and width in pixels, a multiple of the VAE's spatial factor (8)",
+    )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        default=5,
+        help="frames per training clip, 4k + 1 (the VAE's temporal factor is 4)",
+    )
+    p.add_argument(
+        "--crop",
+        type=non_negative_int,
+        default=32,
+        help="train on crop x crop windows around the object, a multiple of 8 "
+        "(0 or >= --size: whole frames)",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=non_negative_float,
+        default=1e-5,
+        help="Wan VAE: weight of the KL term of the posterior",
+    )
+    p.add_argument("--steps", type=positive_int, default=1500, help="optimizer updates")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="clips per step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=50, help="linear warmup steps")
+    p.add_argument("--ema", type=decay, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=100,
+        help="steps between checkpoints (0: only at the end)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and init")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def check_sizes(cfg, frames: int, size: int, crop: int) -> None:
+    """Clip sizes the VAE takes; S2DiTError before anything is trained or written."""
+    tf, sf = cfg.temporal_factor, cfg.spatial_factor
+    if (frames - 1) % tf:
+        examples = ", ".join(str(1 + tf * k) for k in range(1, 5))
+        raise S2DiTError(f"--frames {frames} must be {tf}k + 1 for this VAE ({examples}, ...)")
+    # Statistics are measured on 9-frame clips.
+    if (STATS_FRAMES - 1) % tf:
+        raise S2DiTError(
+            f"a VAE with temporal factor {tf} cannot encode {STATS_FRAMES}-frame clips"
+        )
+    for flag, value in (("--size", size), ("--crop", crop if 0 < crop < size else size)):
+        if value % sf:
+            low = value // sf * sf
+            near = f"{low} or {low + sf}" if low else f"{sf}"
+            raise S2DiTError(
+                f"{flag} {value} is not a multiple of the VAE's spatial factor {sf}; try {near}"
+            )
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -149,6 +210,7 @@ def run(args: argparse.Namespace) -> Path:
         )
         model_cls = PatchVAE
     cfg.validate()
+    check_sizes(cfg, args.frames, args.size, args.crop)
     mx.random.seed(args.seed)
     vae = model_cls(cfg)
     if args.crop and args.crop < args.size:
@@ -157,7 +219,9 @@ def run(args: argparse.Namespace) -> Path:
         source = shapes_source(
             seed=args.seed, frames=args.frames, height=args.size, width=args.size
         )
-    full_source = shapes_source(seed=args.seed, frames=9, height=args.size, width=args.size)
+    full_source = shapes_source(
+        seed=args.seed, frames=STATS_FRAMES, height=args.size, width=args.size
+    )
     train_cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -191,7 +255,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point; returns the exit code."""
     return run_cli(lambda: print(f"VAE written to {run(build_parser().parse_args(argv))}"))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_args import Parser, text
 from ..errors import EXIT_ERROR, S2DiTError, run_cli
 
 COMPRESSIONS = ("none", "int8", "palette6", "palette4")
@@ -28,11 +29,6 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_ERROR, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
 def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `coreml` sub-command (options and handler) to an `export` sub-parser group."""
     p = subparsers.add_parser(
@@ -40,7 +36,6 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         help="export to Core ML packages for iOS 18 (stateful streaming)",
         description="Export a model folder to Core ML packages with a stateful streaming cache.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -80,9 +75,12 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, metavar="N", help="sampling steps per chunk (default: the model's)"
     )
-    p.add_argument("--prompt", metavar="TEXT", help="also save this prompt's text embeddings")
+    p.add_argument(
+        "--prompt", type=text, metavar="TEXT", help="also save this prompt's text embeddings"
+    )
     p.add_argument(
         "--negative-prompt",
+        type=text,
         metavar="TEXT",
         help="also save a negative prompt's embeddings (for guidance)",
     )
@@ -98,8 +96,8 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser for the arguments after `s2dit export`."""
-    parser = _Parser(prog="s2dit export", description="Export a model to another runtime.")
-    sub = parser.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
+    parser = Parser(prog="s2dit export", description="Export a model to another runtime.")
+    sub = parser.add_subparsers(dest="format", metavar="FORMAT")
     add_coreml_parser(sub)
     return parser
 
@@ -197,12 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_ERROR
         return args.func(args)
 
-    try:
-        return run_cli(body)
-    except OSError as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import S2DiTError
+from ..validate import check_field_types
 
 PAD_ID = 0
 EOS_ID = 257  # ids 1..256 are the bytes 0..255
@@ -36,7 +37,9 @@ class ByteTextEncoderConfig:
     def from_dict(cls, d: dict) -> ByteTextEncoderConfig:
         """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        check_field_types(config, "byte text encoder config")
+        return config
 
     def to_dict(self) -> dict:
         """The JSON-ready dict saved in config.json."""
@@ -44,6 +47,7 @@ class ByteTextEncoderConfig:
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""
+        check_field_types(self, "byte text encoder config")
         if self.type != "byte":
             raise S2DiTError(f"byte text encoder config has type {self.type!r}, expected 'byte'")
         for name in ("dim", "num_heads", "mlp_ratio", "max_len"):

@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from ..errors import S2DiTError
 from ..kernels.cpu import silu
+from ..validate import check_field_types
 
 
 @dataclass
@@ -50,7 +51,9 @@ class PatchVAEConfig:
     def from_dict(cls, d: dict) -> PatchVAEConfig:
         """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        check_field_types(config, "patch VAE config")
+        return config
 
     def to_dict(self) -> dict:
         """The JSON-ready dict saved in config.json."""
@@ -58,6 +61,7 @@ class PatchVAEConfig:
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""
+        check_field_types(self, "patch VAE config")
         if self.type != "patch":
             raise S2DiTError(f"patch VAE config has type {self.type!r}, expected 'patch'")
         for name in ("z_dim", "temporal_factor", "spatial_factor", "hidden_dim", "temporal_kernel"):

@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from ..errors import S2DiTError
 from ..streaming import KVWindow, LinearState, StreamCache, visible_chunks
+from ..validate import check_field_types
 from .layers import GeluTanh, Linear, apply_rope, attention, rope_table
 
 BLOCK_TYPES = ("full", "lcha", "ssa")
@@ -70,6 +71,7 @@ class ModelArgs:
         """Build from a config dict, ignoring keys this class does not know (as mlx-lm does)."""
         known = inspect.signature(cls).parameters
         args = cls(**{k: v for k, v in params.items() if k in known})
+        check_field_types(args, "dit config")
         args.patch_size = tuple(args.patch_size)
         args.lcha_conv_kernel = tuple(args.lcha_conv_kernel)
         args.layers = list(args.layers)
@@ -89,6 +91,7 @@ class ModelArgs:
 
     def validate(self) -> None:
         """Raise S2DiTError naming the first inconsistent field."""
+        check_field_types(self, "dit config")
         unknown = [b for b in self.layers if b not in BLOCK_TYPES]
         if unknown:
             raise S2DiTError(

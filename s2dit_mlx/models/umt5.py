@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..tokenizer import CLEAN_MODES, Tokenizer
+from ..validate import check_field_types
 from .layers import Linear
 
 # feed_forward_proj -> (gated, activation), as transformers reads T5Config.feed_forward_proj
@@ -79,7 +80,9 @@ class UMT5Config:
         # A transformers T5 config.json says model_type "t5": its encoder shares the bias table.
         if d.get("model_type") == "t5" and "shared_relative_bias" not in d:
             kwargs["shared_relative_bias"] = True
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        check_field_types(config, "umT5 config")
+        return config
 
     def to_dict(self) -> dict:
         """The JSON-ready dict saved in config.json."""
@@ -87,6 +90,7 @@ class UMT5Config:
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""
+        check_field_types(self, "umT5 config")
         if self.type != "umt5":
             raise S2DiTError(f"umT5 text encoder config has type {self.type!r}, expected 'umt5'")
         for name in (

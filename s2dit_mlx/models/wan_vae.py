@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import silu
+from ..validate import check_field_types
 from .layers import attention
 
 # Published latent statistics (per channel): latents are stored as (z - mean) / std.
@@ -117,7 +118,9 @@ class WanVAEConfig:
     def from_dict(cls, d: dict) -> WanVAEConfig:
         """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        check_field_types(config, "Wan VAE config")
+        return config
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> WanVAEConfig:
@@ -170,6 +173,7 @@ class WanVAEConfig:
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""
         where = "Wan VAE config"
+        check_field_types(self, where)
         if self.type != "wan":
             raise S2DiTError(f"{where} has type {self.type!r}, expected 'wan'")
         if self.version not in VERSIONS:

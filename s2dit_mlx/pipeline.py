@@ -130,10 +130,7 @@ class Pipeline:
         return self.vae.spatial_factor * self.dit.args.spatial_multiple()
 
     def _spatial_reason(self) -> str:
-        args = self.dit.args
-        parts = [f"VAE factor {self.vae.spatial_factor}", f"patch {args.patch_size[1]}"]
-        if "ssa" in args.layers:
-            parts.append(f"SSA stride {args.ssa_stride}")
+        parts = [f"VAE factor {self.vae.spatial_factor}", *self.dit.args.spatial_reasons()]
         return " x ".join(parts)
 
     def settings(self, prompt: str, **overrides) -> GenerationSettings:

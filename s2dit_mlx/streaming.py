@@ -1,91 +1,13 @@
-"""Streaming state for S2DiT and the chunk-by-chunk generator (DESIGN.md section 3).
-
-Each block keeps a bounded state between chunks:
-- `full` and `ssa`: a rolling window of key/value chunks plus `sink` first chunks;
-- `lcha`: the running linear-attention sums (S, z) and the last k_t - 1 frames for its causal conv.
-"""
+"""The chunk-by-chunk streaming generator (the per-layer caches live in cache.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from .errors import S2DiTError
 from .sampling import FlowEulerSolver, FlowUniPCSolver
-
-
-def visible_chunks(chunk: int, window: int | None, sink: int) -> list[int]:
-    """Chunks that a query in `chunk` attends to: the sink chunks plus the last `window` (incl. itself)."""
-    if window is None:
-        return list(range(chunk + 1))
-    recent = range(max(0, chunk - window + 1), chunk + 1)
-    return sorted(set(range(min(sink, chunk + 1))) | set(recent))
-
-
-class KVWindow:
-    """Rolling block-causal key/value cache of one softmax-attention layer."""
-
-    def __init__(self, window: int | None, sink: int):
-        self.window, self.sink = window, sink
-        self.chunks: dict[int, tuple[mx.array, mx.array]] = {}
-        self.written = 0
-
-    def with_current(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Keys and values [B, H, L, D] visible to the current chunk: kept past chunks + its own."""
-        past = [self.chunks[j] for j in visible_chunks(self.written, self.window, self.sink)[:-1]]
-        if not past:
-            return k, v
-        keys = mx.concatenate([p[0] for p in past] + [k], axis=2)
-        values = mx.concatenate([p[1] for p in past] + [v], axis=2)
-        return keys, values
-
-    def write(self, k: mx.array, v: mx.array) -> None:
-        """Store a clean chunk and drop chunks no later query can see."""
-        self.chunks[self.written] = (k, v)
-        self.written += 1
-        keep = set(visible_chunks(self.written, self.window, self.sink))
-        self.chunks = {j: kv for j, kv in self.chunks.items() if j in keep}
-
-    def arrays(self) -> list[mx.array]:
-        """Every array held, for mx.eval."""
-        return [a for kv in self.chunks.values() for a in kv]
-
-
-class LinearState:
-    """Recurrent state of one LCHA layer: S = sum phi(k) v^T, z = sum phi(k), conv frame buffer."""
-
-    def __init__(self):
-        self.kv: mx.array | None = None  # [B, H, F, D]
-        self.k_sum: mx.array | None = None  # [B, H, F]
-        self.conv_frames: mx.array | None = None  # [B, kt-1, h, w, C]
-
-    def write(self, kv: mx.array, k_sum: mx.array, conv_frames: mx.array) -> None:
-        """Add a clean chunk's sums and keep its last frames for the causal conv."""
-        self.kv = kv if self.kv is None else self.kv + kv
-        self.k_sum = k_sum if self.k_sum is None else self.k_sum + k_sum
-        self.conv_frames = conv_frames
-
-    def arrays(self) -> list[mx.array]:
-        """Every array held, for mx.eval."""
-        return [a for a in (self.kv, self.k_sum, self.conv_frames) if a is not None]
-
-
-@dataclass
-class StreamCache:
-    """Per-layer states plus how many latent frames have been written (RoPE's frame offset)."""
-
-    layers: list = field(default_factory=list)
-    frames: int = 0
-
-    def arrays(self) -> list[mx.array]:
-        """Every array held by every layer."""
-        return [a for layer in self.layers for a in layer.arrays()]
-
-    def nbytes(self) -> int:
-        """Bytes held by the state."""
-        return sum(a.nbytes for a in self.arrays())
 
 
 def stream_latent_chunks(

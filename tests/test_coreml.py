@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 pytest.importorskip("coremltools")
 
+from s2dit_mlx.attention.lcha import depthwise_causal_conv3d, softplus  # noqa: E402
 from s2dit_mlx.coreml import verify  # noqa: E402
 from s2dit_mlx.coreml._ct import quiet_progress  # noqa: E402
 from s2dit_mlx.coreml.check import check_package  # noqa: E402
@@ -55,7 +56,7 @@ from s2dit_mlx.coreml.interpret import Package  # noqa: E402
 from s2dit_mlx.errors import S2DiTError  # noqa: E402
 from s2dit_mlx.models import layers  # noqa: E402
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig  # noqa: E402
-from s2dit_mlx.models.s2dit import ModelArgs, S2DiT, depthwise_causal_conv3d, softplus  # noqa: E402
+from s2dit_mlx.models.s2dit import ModelArgs, S2DiT  # noqa: E402
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from s2dit_mlx.sampling import FlowEulerSolver  # noqa: E402
 from s2dit_mlx.streaming import stream_latent_chunks  # noqa: E402
@@ -779,7 +780,8 @@ def test_coreml_predict_with_state_matches_mlx(tiny, tmp_path_factory):  # pragm
 
 def test_analytic_cost_matches_exported_graph(tiny, tmp_path_factory):
     from s2dit_mlx.coreml import cost
-    from s2dit_mlx.coreml.emit import StreamShapes, dit_state_specs
+    from s2dit_mlx.coreml.emit import dit_state_specs
+    from s2dit_mlx.coreml.shapes import StreamShapes
 
     dit = tiny[0]
     args = dit.args

@@ -129,25 +129,23 @@ class Cache:
 
     @property
     def meta_state(self) -> dict:
-        """Small JSON-able facts needed to rebuild the cache (counters, schedule)."""
+        """Small JSON-able facts needed to rebuild the cache (constructor args, counters)."""
         return {}
-
-    @meta_state.setter
-    def meta_state(self, value: dict) -> None:
-        pass
 
     @classmethod
     def from_state(cls, state: dict[str, mx.array], meta_state: dict) -> Cache:
         """A cache of this class holding `state`, as `state` / `meta_state` described it."""
-        cache = cls.__new__(cls)
-        cache.__init__(**cls._init_kwargs(meta_state))
-        cache.meta_state = meta_state
+        cache = cls(**cls._init_kwargs(meta_state))
+        cache._restore_counters(meta_state)
         cache.state = state
         return cache
 
     @classmethod
     def _init_kwargs(cls, meta_state: dict) -> dict:
         return {}
+
+    def _restore_counters(self, meta_state: dict) -> None:
+        """Set what meta_state holds beyond the constructor arguments."""
 
     def arrays(self) -> list[mx.array]:
         """Every array held, for mx.eval."""
@@ -159,7 +157,9 @@ class Cache:
 
     def copy(self) -> Cache:
         """An independent cache in the same state (to branch a stream)."""
-        return type(self).from_state(dict(self.state), json.loads(json.dumps(self.meta_state)))
+        # New array objects: in-place slice updates of one cache must not reach the other.
+        state = {k: mx.array(v) for k, v in self.state.items()}
+        return type(self).from_state(state, json.loads(json.dumps(self.meta_state)))
 
 
 class KVCache(Cache):
@@ -272,11 +272,10 @@ class KVCache(Cache):
             "written": self.written,
         }
 
-    @meta_state.setter
-    def meta_state(self, value: dict) -> None:
-        self.slot_tokens = int(value["slot_tokens"])
-        self.lengths = [int(n) for n in value["lengths"]]
-        self.written = int(value["written"])
+    def _restore_counters(self, meta_state: dict) -> None:
+        self.slot_tokens = int(meta_state["slot_tokens"])
+        self.lengths = [int(n) for n in meta_state["lengths"]]
+        self.written = int(meta_state["written"])
 
     @classmethod
     def _init_kwargs(cls, meta_state: dict) -> dict:
@@ -391,7 +390,7 @@ class StreamCache:
         return sum(a.nbytes for a in self.arrays())
 
     def copy(self) -> StreamCache:
-        """An independent copy (branch a stream; arrays are immutable, so nothing is copied)."""
+        """An independent copy (branch a stream)."""
         return StreamCache([layer.copy() for layer in self.layers], self.frames)
 
     @property
@@ -427,21 +426,92 @@ class StreamCache:
         return cls(layers, int(meta_state["frames"]))
 
 
-def save_cache(path: str | os.PathLike, cache: StreamCache, extra: dict | None = None) -> None:
-    """Write a stream's state to one safetensors file (atomically), with `extra` JSON facts."""
+class CacheGroup:
+    """Named StreamCaches of a model made of several DiTs (Wan2.2 A14B's two experts)."""
+
+    def __init__(self, parts: dict[str, StreamCache]):
+        self.parts = dict(parts)
+
+    def __getitem__(self, name: str) -> StreamCache:
+        return self.parts[name]
+
+    @property
+    def frames(self) -> int:
+        """Latent frames written (the same in every part)."""
+        return max(part.frames for part in self.parts.values())
+
+    def arrays(self) -> list[mx.array]:
+        """Every array of every part."""
+        return [a for part in self.parts.values() for a in part.arrays()]
+
+    def nbytes(self) -> int:
+        """Bytes held by every part."""
+        return sum(part.nbytes() for part in self.parts.values())
+
+    def copy(self) -> CacheGroup:
+        """An independent copy."""
+        return CacheGroup({name: part.copy() for name, part in self.parts.items()})
+
+
+def _flatten(caches: dict) -> dict[str, StreamCache]:
+    flat = {}
+    for name, cache in caches.items():
+        if isinstance(cache, CacheGroup):
+            flat.update({f"{name}:{part}": c for part, c in cache.parts.items()})
+        else:
+            flat[name] = cache
+    return flat
+
+
+def _unflatten(flat: dict[str, StreamCache]) -> dict:
+    caches: dict = {}
+    for key, cache in flat.items():
+        name, _, part = key.partition(":")
+        if part:
+            caches.setdefault(name, CacheGroup({})).parts[part] = cache
+        else:
+            caches[name] = cache
+    return caches
+
+
+def save_cache(
+    path: str | os.PathLike,
+    caches: dict[str, StreamCache | CacheGroup],
+    arrays: dict[str, mx.array] | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write named stream caches, other arrays and JSON facts to one safetensors file, atomically."""
     path = os.fspath(path)
-    meta = {"stream_cache": json.dumps(cache.meta_state), "extra": json.dumps(extra or {})}
+    caches = _flatten(caches)
+    tensors = {f"{name}/{k}": a for name, cache in caches.items() for k, a in cache.state.items()}
+    tensors.update({f"arrays/{k}": a for k, a in (arrays or {}).items()})
+    meta = {
+        "format": "s2dit-stream",
+        "caches": json.dumps({name: c.meta_state for name, c in caches.items()}),
+        "extra": json.dumps(extra or {}),
+    }
+    mx.eval(list(tensors.values()))
     tmp = f"{path}.tmp{os.getpid()}.safetensors"
-    mx.eval(cache.arrays())
-    mx.save_safetensors(tmp, cache.state, metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_cache(path: str | os.PathLike) -> tuple[StreamCache, dict]:
-    """Read what `save_cache` wrote: (the cache, the extra facts)."""
     try:
-        arrays, meta = mx.load(os.fspath(path), return_metadata=True)
-        cache = StreamCache.from_state(arrays, json.loads(meta["stream_cache"]))
-        return cache, json.loads(meta.get("extra", "{}"))
+        mx.save_safetensors(tmp, tensors, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_cache(path: str | os.PathLike) -> tuple[dict, dict[str, mx.array], dict]:
+    """Read what `save_cache` wrote: (named caches, other arrays, extra facts)."""
+    try:
+        tensors, meta = mx.load(os.fspath(path), return_metadata=True)
+        if meta.get("format") != "s2dit-stream":
+            raise ValueError("no s2dit-stream format tag")
+        caches = {}
+        for name, cache_meta in json.loads(meta["caches"]).items():
+            prefix = f"{name}/"
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            caches[name] = StreamCache.from_state(state, cache_meta)
+        arrays = {k[len("arrays/") :]: v for k, v in tensors.items() if k.startswith("arrays/")}
+        return _unflatten(caches), arrays, json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, RuntimeError, OSError) as err:
         raise S2DiTError(f"{path} is not a saved stream ({' '.join(str(err).split())})") from None

@@ -54,12 +54,12 @@ from s2dit_mlx.coreml.export import (  # noqa: E402
 )
 from s2dit_mlx.coreml.interpret import Package  # noqa: E402
 from s2dit_mlx.errors import S2DiTError  # noqa: E402
+from s2dit_mlx.generation import Sampler, SeededNoise, stream  # noqa: E402
 from s2dit_mlx.models import layers  # noqa: E402
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig  # noqa: E402
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT  # noqa: E402
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from s2dit_mlx.sampling import FlowEulerSolver  # noqa: E402
-from s2dit_mlx.streaming import stream_latent_chunks  # noqa: E402
 
 TIMESTEPS = [1000.0, 937.5, 833.3, 625.0]
 CHUNKS = 5
@@ -722,10 +722,8 @@ def test_manifest_euler_rule_reproduces_mlx_streaming(tiny):
     """The manifest's Euler update, fed only denoise's x0, gives MLX's streaming Euler chunks."""
     dit, context = tiny[0], mx.array(tiny[2])
     euler = FlowEulerSolver(3, 3.0)
-    kwargs = dict(num_latent_frames=4, latent_height=4, latent_width=8, seed=7)
-    want = list(
-        stream_latent_chunks(dit, context, solver=lambda: FlowEulerSolver(3, 3.0), **kwargs)
-    )
+    chunks = stream(dit, context, 4, (4, 8), Sampler("euler", 3, 3.0), noise=SeededNoise(7))
+    want = [c.latents for c in chunks]
     assert "(x - x0) * 1000 / t" in describe_sampler("euler")["step"]
     cache, key = dit.make_cache(), mx.random.key(7)
     for chunk in want:

@@ -483,10 +483,15 @@ def test_pipeline_generate_and_stream(pipe):
     batches = list(pipe.stream("a cat", seed=1))
     assert [b.shape[0] for b in batches] == [5, 4]  # 3 latent frames in chunks of 2 + 1
     np.testing.assert_array_equal(np.concatenate(batches), video)
-    stats = pipe.last_stats
+    run = pipe.start("a cat", seed=1)
+    chunks = list(run)
+    assert [c.index for c in chunks] == [0, 1]
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks]), video)
+    stats = run.summary()
     assert stats["frames"] == 9 and stats["chunks"] == 2
     for key in ("text_encode_s", "first_frames_s", "generate_s", "frames_per_s", "peak_memory_gb"):
         assert stats[key] is not None and stats[key] >= 0, key
+    assert stats["denoise_s"] == pytest.approx(sum(c.denoise_s for c in chunks))
     assert not np.array_equal(pipe.generate("a cat", seed=2), video)
 
 
@@ -515,7 +520,10 @@ def test_pipeline_bidirectional_with_guidance(pipe):
             seed=4,
         )
         assert video.shape == (13, 32, 64, 3)
-    assert "denoise_s" in pipe.last_stats
+    run = pipe.start("a cat", mode="bidirectional", guidance=3.0, frames=13, seed=4)
+    chunks = list(run)
+    assert chunks[0].denoise_s > 0 and all(c.denoise_s == 0 for c in chunks[1:])
+    assert run.summary()["denoise_s"] == chunks[0].denoise_s
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -92,6 +92,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from s2dit_mlx import rng
 from s2dit_mlx.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -109,7 +110,6 @@ from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
 
-from . import rng
 from .palette import PALETTE_BITS
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"

@@ -306,9 +306,12 @@ class ConvHistory(Cache):
         return mx.concatenate([past.astype(x.dtype), x], axis=1)
 
     def update(self, padded: mx.array) -> None:
-        """Keep the last `frames` frames of a prepended input."""
+        """Keep the last `frames` frames of a (history-prepended) input.
+
+        A copy, so the history does not pin the whole input it was cut from.
+        """
         if self.frames:
-            self.history = padded[:, padded.shape[1] - self.frames :]
+            self.history = mx.contiguous(padded[:, padded.shape[1] - self.frames :])
 
     @property
     def state(self) -> dict[str, mx.array]:
@@ -325,6 +328,47 @@ class ConvHistory(Cache):
     @classmethod
     def _init_kwargs(cls, meta_state: dict) -> dict:
         return {"frames": int(meta_state["frames"])}
+
+
+class ConvHistories(Cache):
+    """The ConvHistory of every causal conv of a network (a VAE decoder's feature cache).
+
+    Each conv asks for its own with `of(module, frames)`; histories are kept in the order the
+    convs first asked, which is fixed by the network, so a saved state restores by position.
+    """
+
+    def __init__(self):
+        self.histories: dict[int, ConvHistory] = {}
+        self._restored: list[ConvHistory] = []
+
+    def of(self, module, frames: int) -> ConvHistory:
+        """The history of `module` (created empty on its first call)."""
+        key = id(module)
+        if key not in self.histories:
+            position = len(self.histories)
+            restored = self._restored[position] if position < len(self._restored) else None
+            self.histories[key] = restored or ConvHistory(frames)
+        return self.histories[key]
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        return {
+            f"{i}": h.history
+            for i, h in enumerate(self.histories.values())
+            if h.history is not None
+        }
+
+    @state.setter
+    def state(self, value: dict[str, mx.array]) -> None:
+        for i, h in enumerate(self._restored):
+            h.history = value.get(f"{i}")
+
+    @property
+    def meta_state(self) -> dict:
+        return {"frames": [h.frames for h in self.histories.values()]}
+
+    def _restore_counters(self, meta_state: dict) -> None:
+        self._restored = [ConvHistory(int(f)) for f in meta_state["frames"]]
 
 
 class LinearAttentionCache(Cache):
@@ -361,7 +405,7 @@ class LinearAttentionCache(Cache):
 
 
 CACHE_TYPES: dict[str, type[Cache]] = {
-    c.__name__: c for c in (KVCache, ConvHistory, LinearAttentionCache)
+    c.__name__: c for c in (KVCache, ConvHistory, ConvHistories, LinearAttentionCache)
 }
 
 

@@ -562,3 +562,17 @@ def test_pipeline_validation(pipe, settings, match):
 def test_pipeline_unknown_dtype(tiny_model_dir):
     with pytest.raises(S2DiTError, match="unknown dtype"):
         Pipeline.from_pretrained(str(tiny_model_dir), dtype="float8")
+
+
+def test_components_meet_the_vae_and_text_encoder_interfaces(tiny_model_dir):
+    """Every built-in VAE and text encoder satisfies the Protocols the pipeline relies on."""
+    from s2dit_mlx.models.interfaces import StreamingDecoder, TextEncoder, VideoVAE
+    from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
+
+    bundle = load_model(tiny_model_dir)
+    wan = WanVAE(WanVAEConfig(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1))
+    for vae in (bundle.vae, wan):
+        assert isinstance(vae, VideoVAE), type(vae)
+        assert isinstance(vae.decoder(), StreamingDecoder)
+    assert isinstance(bundle.text_encoder, TextEncoder)
+    assert not isinstance(bundle.dit, VideoVAE)  # the checks can fail

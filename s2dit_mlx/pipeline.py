@@ -164,6 +164,8 @@ class Pipeline:
             raise S2DiTError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         self.dtype = dtype
         dit.set_dtype(DTYPES[dtype])
+        # Decode chunk k while chunk k + 1 is denoised (an MLX stream of its own).
+        self.overlap_decode = True
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, dtype: str | None = None) -> Pipeline:
@@ -336,20 +338,46 @@ class Pipeline:
             else:
                 bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", leave=True)
         decoder = self.vae.decoder()
+        # Chunk k decodes on its own stream while chunk k + 1 is denoised (the decode of the
+        # first chunk is waited for at once, so the first frames come as early as they can).
+        decode_stream = mx.new_stream(mx.default_device()) if self.overlap_decode else None
         frames_out = 0
+        pending = None
+
+        def finish(item) -> VideoChunk:
+            nonlocal frames_out
+            index, decoded, latents, denoise_s, t0 = item
+            mx.eval(decoded)
+            frames = to_uint8(decoded[0])
+            frames_out += frames.shape[0]
+            if bar is not None:
+                bar.set_postfix_str(f"{frames_out / (time.perf_counter() - start):.2f} frames/s")
+                if s.mode == "streaming":
+                    bar.update(1)
+            decode_s = time.perf_counter() - t0
+            return VideoChunk(
+                index, frames, latents, denoise_s, decode_s, time.perf_counter() - start
+            )
+
         try:
             for index, (latents, denoise_s) in enumerate(self._latent_chunks(s, context, neg, bar)):
                 t0 = time.perf_counter()
-                frames = to_uint8(decoder.decode(latents.astype(mx.float32))[0])
-                decode_s = time.perf_counter() - t0
-                frames_out += frames.shape[0]
-                if bar is not None:
-                    wall = time.perf_counter() - start
-                    bar.set_postfix_str(f"{frames_out / wall:.2f} frames/s")
-                    if s.mode == "streaming":
-                        bar.update(1)
-                ready = time.perf_counter() - start
-                yield VideoChunk(index, frames, latents, denoise_s, decode_s, ready)
+                if decode_stream is None:
+                    decoded = decoder.decode(latents.astype(mx.float32))
+                else:
+                    with mx.stream(decode_stream):
+                        decoded = decoder.decode(latents.astype(mx.float32))
+                    mx.async_eval(decoded)
+                item = (index, decoded, latents, denoise_s, t0)
+                if pending is not None:
+                    yield finish(pending)
+                    pending = None
+                if index == 0 or decode_stream is None:
+                    yield finish(item)
+                else:
+                    pending = item
+            if pending is not None:
+                yield finish(pending)
         finally:
             if bar is not None:
                 bar.close()

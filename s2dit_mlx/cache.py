@@ -433,6 +433,11 @@ class StreamCache:
         """Bytes held by the state."""
         return sum(a.nbytes for a in self.arrays())
 
+    def detach(self) -> None:
+        """Stop gradients at the state (training: later chunks do not train earlier writes)."""
+        for layer in self.layers:
+            layer.state = {k: mx.stop_gradient(v) for k, v in layer.state.items()}
+
     def copy(self) -> StreamCache:
         """An independent copy (branch a stream)."""
         return StreamCache([layer.copy() for layer in self.layers], self.frames)
@@ -491,6 +496,11 @@ class CacheGroup:
     def nbytes(self) -> int:
         """Bytes held by every part."""
         return sum(part.nbytes() for part in self.parts.values())
+
+    def detach(self) -> None:
+        """Stop gradients at every part's state."""
+        for part in self.parts.values():
+            part.detach()
 
     def copy(self) -> CacheGroup:
         """An independent copy."""

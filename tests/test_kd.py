@@ -52,7 +52,7 @@ def test_ode_regression_trains_a_sandwich_student(tiny_model_dir, cache, tmp_pat
     mx.random.seed(0)
     student = S2DiT(replace(teacher.args, layers=["lcha", "lcha"]))
     init_from(student, teacher, "uniform")
-    positions = source.cache.check_points([spec.timesteps[0], spec.timesteps[2]])
+    positions = source.cache.check_points([1000.0 * spec.sigmas[0], 1000.0 * spec.sigmas[2]])
     cfg = TrainConfig(steps=30, batch_size=2, lr=3e-4, seed=0, progress=False, compile=False)
     trainer = Trainer(FlowModel(student), make_ode_loss(positions, spec), source, cfg, tmp_path)
     losses = trainer.train()

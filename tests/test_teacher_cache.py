@@ -107,10 +107,10 @@ def test_meta_mismatch_and_off_grid_student_are_refused(tiny_model_dir, tmp_path
     assert_user_error(code, err, match="made by another run (steps")
     assert tree_state(tmp_path) == before
     cache = TeacherCache(out)
-    kept = cache.spec.kept_timesteps()
-    assert cache.check_points(kept[::2]) == [0, 2]
+    sigmas = [cache.spec.sigmas[i] for i in cache.spec.keep]
+    assert cache.check_points([1000.0 * s for s in sigmas[::2]]) == [0, 2]
     with pytest.raises(S2DiTError, match="not on the teacher cache's kept steps"):
-        cache.check_points([kept[0] - 50.0])
+        cache.check_points([1000.0 * sigmas[1] - 5.0])
 
 
 def test_teacher_reproduces_cached_x0_from_the_last_kept_state(tiny_model_dir, tmp_path):

@@ -60,8 +60,9 @@ def ode_regression_loss(
     b, _, frames = states.shape[:3]
     f = dit.args.frames_per_chunk
     n_chunks = -(-frames // f)
-    kept_t = mx.array([cache_spec.timesteps[i] for i in cache_spec.keep], dtype=mx.float32)
+    # The student is called at its own points, t = 1000 sigma (not the teacher's int-truncated t).
     kept_s = mx.array([cache_spec.sigmas[i] for i in cache_spec.keep], dtype=mx.float32)
+    kept_t = 1000.0 * kept_s
     choices = mx.array(positions)
     draws = mx.vmap(lambda k: mx.random.randint(0, len(positions), (n_chunks,), key=k))(keys)
     picked = choices[draws]  # [B, chunks]: kept-step position per chunk

@@ -463,17 +463,21 @@ class TeacherCache:
             "context_lengths": mx.array(lengths),
         }
 
-    def check_points(self, points: list[float], tolerance: float = 1e-3) -> list[int]:
-        """Kept-step positions of a student's few-step points; S2DiTError if one is off the grid."""
-        kept = self.spec.kept_timesteps()
+    def check_points(self, points: list[float], tolerance: float = 1e-4) -> list[int]:
+        """Kept-step positions of a student's few-step points; S2DiTError if one is off the grid.
+
+        Points are model timesteps; they are matched by noise level (t / 1000 against the kept
+        steps' sigmas), since Wan-style solvers call the model with int-truncated timesteps.
+        """
+        kept = [self.spec.sigmas[i] for i in self.spec.keep]
         positions = []
         for t in points:
-            hits = [i for i, k in enumerate(kept) if abs(k - t) <= tolerance]
+            hits = [i for i, s in enumerate(kept) if abs(1000.0 * s - t) <= 1000.0 * tolerance]
             if not hits:
                 raise S2DiTError(
                     f"student timestep {t:g} is not on the teacher cache's kept steps "
-                    f"({', '.join(f'{k:g}' for k in kept)}): make the teacher's steps a multiple "
-                    "of the student's at the same shift, and keep those steps"
+                    f"({', '.join(f'{1000.0 * s:g}' for s in kept)}): make the teacher's steps a "
+                    "multiple of the student's at the same shift, and keep those steps"
                 )
             positions.append(hits[0])
         return positions

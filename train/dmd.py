@@ -24,9 +24,13 @@ All randomness is keyed by (seed, iteration, sample), so a resumed run continues
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,7 +38,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx import rng
-from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.generation import SeededNoise
 
 
@@ -353,3 +357,277 @@ class DMD:
             self.opt_generator.state,
             self.opt_critic.state,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: python -m train.dmd
+
+EPILOG = """\
+examples:
+  # after the ODE initialisation (train.dit --objective ode) of a few-step student
+  python -m train.dmd --generator runs/ode/model --teacher models/teacher --cache cache/t \\
+      --out runs/dmd --iterations 600 --guidance 3 --ema 0.99 --checkpoint-every 100
+  python -m train.dmd --out runs/dmd --resume      # continues exactly where it stopped
+
+The generator must be a few-step student (its folder's defaults: solver few-step); its
+timesteps are its defaults' steps and shift. Text embeddings come from the teacher cache
+(no text encoder or VAE runs during training); the critic starts as a copy of the teacher.
+"""
+
+
+def _cache_contexts(cache):
+    """contexts(indices) over the teacher cache's prompts (index mod its size)."""
+    size = len(cache)
+
+    def contexts(indices: list[int]) -> mx.array:
+        return cache.samples([int(i) % size for i in indices])["context"]
+
+    return contexts
+
+
+def build_run(args) -> tuple[DMD, dict]:
+    """Load the three networks and the data; returns the DMD run and what saving needs."""
+    import copy
+
+    from s2dit_mlx.loading import load_model
+    from s2dit_mlx.sampling import FEW_STEP, few_step_timesteps
+
+    from .lora import LoRAConfig, apply_lora
+    from .teacher_cache import TeacherCache
+
+    gen_bundle = load_model(args.generator)
+    d = gen_bundle.defaults
+    if d["solver"] != FEW_STEP:
+        raise S2DiTError(
+            f"{args.generator} samples with {d['solver']!r}; DMD trains a few-step student "
+            "(defaults.solver few-step): run the ODE initialisation first"
+        )
+    teacher_bundle = load_model(args.teacher)
+    cache = TeacherCache(args.cache)
+    spec = cache.spec
+    generator, teacher = gen_bundle.dit, teacher_bundle.dit
+    if hasattr(teacher, "select"):
+        raise S2DiTError("a two-expert teacher is not supported as the real score yet; use one DiT")
+    for what, model in (("generator", generator), ("teacher", teacher)):
+        if (
+            model.args.in_dim != spec.channels
+            or model.args.text_dim != cache.samples([0])["context"].shape[-1]
+        ):
+            raise S2DiTError(
+                f"the {what} does not match the teacher cache (latent channels or text width)"
+            )
+    generator.set_dtype(mx.float32)
+    teacher.set_dtype(mx.float32)
+    critic = copy.deepcopy(teacher)
+    teacher.freeze()
+    if args.critic_lora:
+        apply_lora(critic, LoRAConfig(rank=args.critic_lora, alpha=2.0 * args.critic_lora))
+    else:
+        critic.unfreeze()
+    if args.quantize_teacher:
+        nn.quantize(
+            teacher,
+            bits=args.quantize_teacher,
+            class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0,
+        )
+    generator.unfreeze()
+    t_defaults = teacher_bundle.defaults
+    guidance = args.guidance if args.guidance is not None else float(t_defaults["guidance"])
+    neg = teacher_bundle.text_encoder.encode([t_defaults["negative_prompt"]]).astype(mx.float32)
+    cfg = DMDConfig(
+        points=tuple(few_step_timesteps(d["steps"], d["shift"])),
+        frames=args.frames or spec.frames,
+        latent_height=spec.latent_height,
+        latent_width=spec.latent_width,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        guidance=guidance,
+        critic_ratio=args.critic_ratio,
+        lr_generator=args.lr_generator,
+        lr_critic=args.lr_critic,
+        grad_clip=args.grad_clip,
+        ema=args.ema,
+        t_min=args.t_min,
+        t_max=args.t_max,
+        score_chunk_frames=teacher.args.frames_per_chunk
+        if t_defaults["mode"] == "streaming"
+        else None,
+        seed=args.seed,
+    )
+    run = DMD(generator, teacher, critic, _cache_contexts(cache), neg, cfg)
+    return run, {"bundle": gen_bundle}
+
+
+def _save_model(run: DMD, out: Path, bundle) -> Path:
+    from s2dit_mlx.loading import save_model
+
+    generator = run.generator
+    current = list(tree_flatten(generator.trainable_parameters()))
+    if run.ema is not None:
+        generator.load_weights(list(run.ema.items()), strict=False)
+    try:
+        defaults = {**bundle.defaults, "guidance": 1.0, "mode": "streaming"}
+        return save_model(out / "model", generator, bundle.vae, bundle.text_encoder, defaults)
+    finally:
+        generator.load_weights(current, strict=False)
+
+
+def train(args) -> DMD:
+    """Run (or resume) DMD; writes checkpoints, loss.json/png and RUN/model at the end."""
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .plots import save_loss_curve, save_loss_history
+    from .trainer import write_run_config
+
+    out = Path(args.out)
+    if args.resume and not (out / "run.json").is_file():
+        raise S2DiTError(f"nothing to resume in {out} (no run.json)")
+    if not args.resume and latest_checkpoint(out) is not None:
+        raise S2DiTError(
+            f"{out} already holds checkpoints; pass --resume to continue or choose another --out"
+        )
+    for name in ("generator", "teacher", "cache"):
+        if getattr(args, name, None) is None:
+            raise S2DiTError(f"--{name} is required")
+    run, extra = build_run(args)
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None:
+            arrays, state = load_checkpoint(ckpt)
+            run.load(arrays, state, f"checkpoint {ckpt}")
+    else:
+        write_run_config(out, {k: v for k, v in vars(args).items() if k not in _PER_CALL})
+    cfg = run.cfg
+    until = cfg.iterations if args.until is None else min(args.until, cfg.iterations)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.iterations, initial=run.step, unit="it", desc="dmd")
+
+    def checkpoint() -> None:
+        save_checkpoint(out, run.step, run.arrays(), run.state_dict(), args.keep)
+        losses = [h["critic_loss"] for h in run.history]
+        save_loss_history(losses, out / "loss.json")
+        save_loss_curve(losses, out / "loss.png", title="critic flow loss")
+
+    try:
+        while run.step < until:
+            stats = run.iteration()
+            if bar is not None:
+                shown = {"critic": f"{stats['critic_loss']:.4f}"}
+                if "dmd_loss" in stats:
+                    shown["dmd"] = f"{stats['dmd_loss']:.4f}"
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+            if args.checkpoint_every and run.step % args.checkpoint_every == 0 and run.step < until:
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint()
+    if run.step == cfg.iterations:
+        path = _save_model(run, out, extra["bundle"])
+        print(f"wrote {path}", file=sys.stderr)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m train.dmd`."""
+    from s2dit_mlx.cli import _Parser
+
+    p = _Parser(
+        prog="python -m train.dmd",
+        description="Distribution Matching Distillation with Self-Forcing rollout: a few-step "
+        "streaming student learns from a teacher (real score) and a critic (fake score).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--generator", metavar="DIR", help="the few-step student to train (model folder)"
+    )
+    p.add_argument("--teacher", metavar="DIR", help="the teacher model folder (real score)")
+    p.add_argument(
+        "--cache", metavar="CACHE", help="teacher cache giving prompts, text embeddings and sizes"
+    )
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
+    p.add_argument("--iterations", type=int, default=600, help="critic updates (default 600)")
+    p.add_argument("--batch-size", type=int, default=1, help="videos per iteration (default 1)")
+    p.add_argument("--frames", type=int, help="latent frames per rollout (default: the cache's)")
+    p.add_argument("--guidance", type=float, help="the real score's CFG (default: the teacher's)")
+    p.add_argument(
+        "--critic-ratio",
+        type=int,
+        default=5,
+        help="critic updates per generator update (default 5)",
+    )
+    p.add_argument("--lr-generator", type=float, default=2e-6, help="(default 2e-6)")
+    p.add_argument("--lr-critic", type=float, default=4e-7, help="(default 4e-7)")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="global norm clip (default 10)")
+    p.add_argument(
+        "--ema", type=float, default=0.99, help="generator EMA decay, 0: off (default 0.99)"
+    )
+    p.add_argument(
+        "--t-min", type=float, default=20.0, help="lowest DMD noise level t (default 20)"
+    )
+    p.add_argument(
+        "--t-max", type=float, default=980.0, help="highest DMD noise level t (default 980)"
+    )
+    p.add_argument(
+        "--critic-lora",
+        type=int,
+        default=0,
+        metavar="RANK",
+        help="train LoRA adapters of this rank on the critic instead of all its weights (default 0: all)",
+    )
+    p.add_argument(
+        "--quantize-teacher",
+        type=int,
+        default=0,
+        choices=(0, 4, 8),
+        help="quantize the frozen teacher's linears to save memory (default 0: off)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="iterations between checkpoints (default 100)",
+    )
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2, 0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint"
+    )
+    p.add_argument("--until", type=int, help="stop (with a checkpoint) after this iteration")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# Flags of one invocation, never saved to or restored from run.json.
+_PER_CALL = ("resume", "until")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments; with --resume, RUN_DIR/run.json's settings are the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_json = Path(args.out) / "run.json"
+    if args.resume and run_json.is_file():
+        saved = json.loads(run_json.read_text(encoding="utf-8"))
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in _PER_CALL})
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+
+    def body() -> int:
+        train(parse_args(argv))
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

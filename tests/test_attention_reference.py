@@ -1,6 +1,6 @@
 """Brute-force float64 NumPy references for the S2DiT self-attention blocks.
 
-Each reference is written straight from its definition (DESIGN.md section 2 and the ModelArgs
+Each reference is written straight from its definition (docs/architecture.md and the ModelArgs
 comments) with explicit loops and token masks, reads the module's own weights after EVERY
 parameter has been randomised, and must match the float32 MLX module to a max abs error of
 TOL = 1e-4. Softmax and linear attention use per-query visibility sets, never the modules'

@@ -2,7 +2,7 @@
 
 A tiny random S2DiT with an lcha/ssa/full sandwich (window 3 chunks, 1 sink, so the KV ring
 buffer wraps within the 5 streamed chunks) and the patch VAE decoder; tiny random Wan VAE
-decoders (2.1 and 2.2) streamed over 5 latent frames. Gates (DESIGN.md sec. 7):
+decoders (2.1 and 2.2) streamed over 5 latent frames. Gates (docs/architecture.md, "Core ML export"):
 PSNR (peak = max |MLX|) >= 60 dB for the fp32 package, >= 50 dB for fp16, per chunk, states
 carried across calls. Compressed packages (random weights, so no quality gate yet) must export,
 pass the structural checks and run; their PSNR is printed and bounded loosely.

@@ -1,4 +1,4 @@
-"""Write the Core ML packages and the manifest an app needs (DESIGN.md section 7).
+"""Write the Core ML packages and the manifest an app needs (docs/architecture.md, "Core ML").
 
     DIR/S2DiT.mlpackage        functions `denoise` and `write` sharing one set of weights
     DIR/VAEDecoder.mlpackage   one latent frame -> 4 pixel frames, causal history as state

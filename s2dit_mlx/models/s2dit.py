@@ -47,7 +47,7 @@ class ModelArgs:
     frames_per_chunk: int = 3
     window: int | None = None
     sink: int = 0
-    # LCHA (INFERRED choices, DESIGN.md section 2):
+    # LCHA (choices the paper leaves open; docs/architecture.md, "LCHA"):
     # feature map phi(x) = softplus(W x + b) on QK-normed q and k, per head, W shared by q and k;
     lcha_feature_dim: int | None = None  # None: head_dim (needed for RoPE on phi)
     # RoPE rotates phi(q), phi(k) in the numerator only, so the denominator stays positive;

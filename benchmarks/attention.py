@@ -19,9 +19,10 @@ import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 # isort: split
 import mlx.core as mx
 
+from s2dit_mlx.attention import TokenLayout, attention_kind
 from s2dit_mlx.info import gemm_gflops
 from s2dit_mlx.models import layers
-from s2dit_mlx.models.s2dit import ATTENTION_CLASSES, ModelArgs, TokenLayout
+from s2dit_mlx.models.s2dit import ModelArgs
 
 DIM, HEADS = 1536, 12
 FRAME_GRID = (30, 52)  # a 480x832 video's latent frame after 2x2 patches: 1560 tokens
@@ -31,7 +32,7 @@ def measure(kind: str, tokens: int, repeats: int) -> dict:
     """Median time and peak memory of one forward of one attention layer."""
     args = ModelArgs(dim=DIM, num_heads=HEADS, layers=[kind])
     mx.random.seed(0)
-    module = ATTENTION_CLASSES[kind](args)
+    module = attention_kind(kind).module(args)
     x = mx.random.normal((1, tokens, DIM))
     mx.eval(module.parameters(), x)
     layout = TokenLayout((tokens // 1560, *FRAME_GRID), 0, None)

@@ -17,9 +17,8 @@ import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 # isort: split
 import mlx.core as mx
 
+from s2dit_mlx.generation import Sampler, SeededNoise, stream
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
-from s2dit_mlx.sampling import few_step_timesteps
-from s2dit_mlx.streaming import stream_latent_chunks
 
 
 def main() -> None:
@@ -46,14 +45,16 @@ def main() -> None:
     model = S2DiT(args)
     mx.eval(model.parameters())
     context = mx.random.normal((1, 64, 256))
-    chunks = stream_latent_chunks(
-        model,
-        context,
-        num_latent_frames=3 * opts.chunks,
-        latent_height=opts.latent[0],
-        latent_width=opts.latent[1],
-        timesteps=few_step_timesteps(4, 5.0),
-        seed=0,
+    chunks = (
+        c.latents
+        for c in stream(
+            model,
+            context,
+            3 * opts.chunks,
+            tuple(opts.latent),
+            Sampler("few-step", steps=4, shift=5.0),
+            noise=SeededNoise(0),
+        )
     )
     rows = []
     mx.reset_peak_memory()

@@ -121,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
-        default="float32",
-        help="precision of the diffusion transformer (default: float32)",
+        help="precision of the diffusion transformer (default: the model folder's, else float32)",
     )
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     gen.set_defaults(func=cmd_generate)
@@ -196,6 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise S2DiTError(NO_MODEL)
         args.model = str(DEFAULT_MODEL_DIR)
+    import numpy as np
+
     from . import video_io
     from .fsutil import check_inputs
     from .pipeline import Pipeline
@@ -208,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise S2DiTError(f"fps must be a positive number, got {args.fps}")
 
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)  # None: the folder's dtype
     load_s = time.perf_counter() - start
     check_inputs(out, [("model folder", pipe.path)], "-o")  # a hub id's local snapshot
 
@@ -224,39 +225,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "solver": args.solver,
     }
-    settings = pipe.settings(args.prompt, **overrides)
+    run = pipe.start(args.prompt, progress=not args.quiet, **overrides)
+    settings = run.settings
     video_io.check_output_path(out, settings.frames)
     fps = args.fps if args.fps is not None else pipe.defaults["fps"]
     if not (isinstance(fps, (int, float)) and fps > 0):
         raise S2DiTError(f"fps must be a positive number, got {fps!r}")
-    progress = not args.quiet
 
     t0 = time.perf_counter()
-    frames_written = 0
+    write_s = None
     if args.stream:
         with video_io.VideoWriter(out, fps=fps) as writer:
-            for batch in pipe.stream(args.prompt, progress=progress, **overrides):
-                writer.write(batch)
+            for chunk in run:
+                writer.write(chunk.frames)
             frames_written = writer.frames_written
     else:
-        video = pipe.generate(args.prompt, progress=progress, **overrides)
+        video = np.concatenate([chunk.frames for chunk in run], axis=0)
         t_write = time.perf_counter()
         video_io.write_video(out, video, fps=fps)
         frames_written = video.shape[0]
-        pipe.last_stats["write_s"] = time.perf_counter() - t_write
+        write_s = time.perf_counter() - t_write
     wall_s = time.perf_counter() - t0
 
-    stats = pipe.last_stats
+    stats = run.summary()
     timings = {
         "load_s": load_s,
-        "text_encode_s": stats.get("text_encode_s"),
-        "denoise_s": stats.get("denoise_s"),
-        "first_frames_s": stats.get("first_frames_s"),
-        "generate_s": stats.get("generate_s"),
-        "write_s": stats.get("write_s"),
+        "text_encode_s": stats["text_encode_s"],
+        "denoise_s": stats["denoise_s"],
+        "decode_s": stats["decode_s"],
+        "first_frames_s": stats["first_frames_s"],
+        "generate_s": stats["generate_s"],
+        "write_s": write_s,
         "wall_s": wall_s,
-        "chunk_s": stats.get("chunk_s"),
-        "decode_s": stats.get("decode_s"),
+        "chunk_s": stats["chunk_s"],
+        "chunk_decode_s": stats["chunk_decode_s"],
     }
     meta = {
         "prompt": settings.prompt,

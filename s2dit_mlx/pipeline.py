@@ -1,22 +1,25 @@
 """Text-to-video generation: `Pipeline.from_pretrained(path).generate(prompt)`.
 
-Two modes, chosen by the model folder's defaults (or per call):
+A Pipeline holds a model folder's DiT, VAE and text encoder and its defaults. It validates the
+settings once, encodes the prompt, runs the generation core (s2dit_mlx/generation.py) and
+decodes each clean latent chunk with the VAE's streaming decoder as soon as it is ready:
 
-- "streaming": chunk by chunk with the per-layer caches (streaming.stream_latent_chunks),
-  each chunk integrated by the solver (Euler or UniPC) or, for distilled students, by the
-  few-step re-noising sampler (solver "few-step"); each clean latent chunk is decoded by the
-  VAE's streaming decoder at once, so `stream()` yields frames while later chunks are still
-  being generated;
-- "bidirectional": a flow-matching solver (Euler or UniPC) over the whole latent
-  sequence with classifier-free guidance, then a chunked causal decode.
+- "streaming": chunk by chunk through the DiT's caches (`generation.stream`), so frames come
+  out while later chunks are still being generated;
+- "bidirectional": the whole latent video at once (`generation.denoise`), then a chunked
+  causal decode.
 
 Example:
 
-    from s2dit_mlx.pipeline import Pipeline
+    from s2dit_mlx import Pipeline
     pipe = Pipeline.from_pretrained("path/or/hub-id")
     video = pipe.generate("a red fox running through snow", seed=1)  # uint8 [F, H, W, 3]
     for frames in pipe.stream("a red fox running through snow", seed=1):
         ...  # uint8 [f, H, W, 3] as each chunk is decoded
+    run = pipe.start("a red fox", seed=1)   # the same, with per-chunk timings
+    for chunk in run:
+        chunk.frames, chunk.denoise_s, chunk.decode_s
+    run.summary()                           # totals, frames/s, peak memory
 
 `denoise()` + `decode()` split the bidirectional path in two and accept injected starting
 noise and text embeddings (how tests/test_wan_pipeline_parity.py reproduces diffusers'
@@ -28,18 +31,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from . import sampling
+from . import generation
 from .errors import S2DiTError
 from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
-from .streaming import stream_latent_chunks
 from .validate import check_text
 from .video_io import to_uint8
 
@@ -68,13 +69,76 @@ class GenerationSettings:
         """A JSON-ready dict."""
         return asdict(self)
 
+    @property
+    def sampler(self) -> generation.Sampler:
+        """The generation core's view of the sampling settings."""
+        return generation.Sampler(self.solver, self.steps, self.shift, self.guidance)
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+@dataclass
+class VideoChunk:
+    """One decoded chunk: uint8 frames [f, H, W, 3] and what it cost."""
+
+    index: int
+    frames: np.ndarray
+    latents: mx.array
+    denoise_s: float  # generating the clean latents (0 for a bidirectional video's later chunks)
+    decode_s: float
+    ready_s: float  # since the start of the generation, when the frames were handed out
+
+
+@dataclass
+class Generation:
+    """One running generation: iterate it for VideoChunks; `summary()` once it is done."""
+
+    settings: GenerationSettings
+    text_encode_s: float
+    _chunks: Iterator[VideoChunk]
+    _start: float
+    chunks: list[dict] = field(default_factory=list)
+    _busy: float = 0.0
+
+    def __iter__(self) -> Iterator[VideoChunk]:
+        return self
+
+    def __next__(self) -> VideoChunk:
+        t0 = time.perf_counter()
+        try:
+            chunk = next(self._chunks)
+        finally:
+            self._busy += time.perf_counter() - t0
+        self.chunks.append(
+            {
+                "frames": int(chunk.frames.shape[0]),
+                "denoise_s": chunk.denoise_s,
+                "decode_s": chunk.decode_s,
+                "ready_s": chunk.ready_s,
+            }
+        )
+        return chunk
+
+    def summary(self) -> dict:
+        """Totals: frames, chunks, time spent generating (not in the consumer), frames/s, memory."""
+        frames = sum(c["frames"] for c in self.chunks)
+        busy = self._busy + self.text_encode_s
+        return {
+            "settings": self.settings.to_dict(),
+            "frames": frames,
+            "chunks": len(self.chunks),
+            "text_encode_s": self.text_encode_s,
+            "first_frames_s": self.chunks[0]["ready_s"] if self.chunks else None,
+            "generate_s": busy,
+            "denoise_s": sum(c["denoise_s"] for c in self.chunks),
+            "decode_s": sum(c["decode_s"] for c in self.chunks),
+            "chunk_s": [c["denoise_s"] for c in self.chunks],
+            "chunk_decode_s": [c["decode_s"] for c in self.chunks],
+            "frames_per_s": frames / busy if busy > 0 else None,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        }
 
 
 class Pipeline:
@@ -87,23 +151,25 @@ class Pipeline:
         text_encoder,
         defaults: dict | None = None,
         name: str = "",
-        dtype: str = "float32",
+        dtype: str | None = None,
         path=None,
     ):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.name = name
         self.path = path
+        # The DiT runs in `dtype` (default: the folder's "dtype" default, else float32); the VAE
+        # and the text encoder are small and stay as loaded.
+        dtype = dtype or self.defaults.get("dtype") or "float32"
         if dtype not in DTYPES:
             raise S2DiTError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         self.dtype = dtype
-        # The DiT runs in `dtype` (whatever its weights were saved in); the VAE and the text
-        # encoder are small and stay as loaded.
         dit.set_dtype(DTYPES[dtype])
-        self.last_stats: dict = {}
+        # Decode chunk k while chunk k + 1 is denoised (an MLX stream of its own).
+        self.overlap_decode = True
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle, dtype: str = "float32") -> Pipeline:
+    def from_bundle(cls, bundle: ModelBundle, dtype: str | None = None) -> Pipeline:
         """Wrap what loading.load_model returned."""
         return cls(
             bundle.dit,
@@ -116,14 +182,14 @@ class Pipeline:
         )
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, dtype: str = "float32") -> Pipeline:
+    def from_pretrained(cls, path_or_hub_id: str, dtype: str | None = None) -> Pipeline:
         """Load a model folder (local path or Hugging Face hub id)."""
-        if dtype not in DTYPES:
+        if dtype is not None and dtype not in DTYPES:
             raise S2DiTError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
         return cls.from_bundle(load_model(path_or_hub_id), dtype=dtype)
 
     # ------------------------------------------------------------------------------------------
-    # Sizes
+    # Settings
 
     @property
     def spatial_multiple(self) -> int:
@@ -131,10 +197,7 @@ class Pipeline:
         return self.vae.spatial_factor * self.dit.args.spatial_multiple()
 
     def _spatial_reason(self) -> str:
-        args = self.dit.args
-        parts = [f"VAE factor {self.vae.spatial_factor}", f"patch {args.patch_size[1]}"]
-        if "ssa" in args.layers:
-            parts.append(f"SSA stride {args.ssa_stride}")
+        parts = [f"VAE factor {self.vae.spatial_factor}", *self.dit.args.spatial_reasons()]
         return " x ".join(parts)
 
     def settings(self, prompt: str, **overrides) -> GenerationSettings:
@@ -179,66 +242,159 @@ class Pipeline:
                 raise S2DiTError(
                     f"{name} {value} is not divisible by {m} ({self._spatial_reason()}); try {near}"
                 )
-        if not _is_int(s.steps) or s.steps < 1:
-            raise S2DiTError(f"steps must be a positive integer, got {s.steps!r}")
         if not _is_int(s.seed) or not 0 <= s.seed <= MAX_SEED:
             raise S2DiTError(f"seed must be an integer from 0 to 2**64 - 1, got {s.seed!r}")
-        if not _is_number(s.guidance) or not math.isfinite(s.guidance) or s.guidance < 0:
-            raise S2DiTError(f"guidance must be a finite number >= 0, got {s.guidance!r}")
-        if not _is_number(s.shift) or not math.isfinite(s.shift) or s.shift <= 0:
-            raise S2DiTError(f"shift must be a positive number, got {s.shift!r}")
         if s.mode not in MODES:
             raise S2DiTError(f"mode must be one of {', '.join(MODES)}, got {s.mode!r}")
-        if s.solver not in sampling.SAMPLERS:
-            raise S2DiTError(
-                f"solver must be one of {', '.join(sampling.SAMPLERS)}, got {s.solver!r}"
-            )
-        if s.solver == sampling.FEW_STEP and s.mode != "streaming":
-            raise S2DiTError(f"the {sampling.FEW_STEP} solver runs in streaming mode only")
+        s.sampler.validate(streaming=s.mode == "streaming")
 
     # ------------------------------------------------------------------------------------------
     # Generation
 
-    def _encode_text(self, s: GenerationSettings, use_cfg: bool):
+    def _encode_text(self, s: GenerationSettings) -> tuple[mx.array, mx.array | None]:
         dtype = DTYPES[self.dtype]
-        context = self.text_encoder.encode([s.prompt]).astype(dtype)
-        neg = self.text_encoder.encode([s.negative_prompt]).astype(dtype) if use_cfg else None
-        mx.eval(context, neg if neg is not None else [])
+        with cpu_kernels.enabled():
+            context = self.text_encoder.encode([s.prompt]).astype(dtype)
+            neg = None
+            if s.sampler.guided:
+                neg = self.text_encoder.encode([s.negative_prompt]).astype(dtype)
+            mx.eval(context, neg if neg is not None else [])
         return context, neg
 
-    def _bidirectional_latents(
-        self,
-        s: GenerationSettings,
-        context,
-        neg,
-        shape,
-        bar,
-        latents: mx.array | None = None,
-        schedule: str = "wan",
-    ) -> mx.array:
+    def _per_expert(self, s: GenerationSettings) -> bool:
+        # Wan2.2 A14B: each expert keeps its published guidance unless another was asked for.
+        return s.guidance == self.defaults["guidance"]
+
+    def _latent_shape(self, s: GenerationSettings) -> tuple[int, ...]:
+        sf = self.vae.spatial_factor
+        latent_frames = 1 + (s.frames - 1) // self.vae.temporal_factor
+        return (1, latent_frames, s.height // sf, s.width // sf, self.dit.args.in_dim)
+
+    def _frames_per_chunk(self, latent_frames: int) -> int:
+        per_chunk = getattr(self.dit.args, "frames_per_chunk", latent_frames) or latent_frames
+        return max(1, int(per_chunk))
+
+    def start(self, prompt: str, *, progress: bool = False, **settings) -> Generation:
+        """Validate the settings, encode the prompt and return the running Generation.
+
+        Settings (keyword, None = the model's default): frames, height, width, steps, seed,
+        guidance, negative_prompt, shift, mode ("streaming"|"bidirectional"), solver.
+        """
+        s = self.settings(prompt, **settings)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        context, neg = self._encode_text(s)
+        text_s = time.perf_counter() - start
+        chunks = cpu_kernels.step_enabled(self._chunks(s, context, neg, progress, start))
+        return Generation(s, text_s, chunks, start)
+
+    def _latent_chunks(self, s, context, neg, bar) -> Iterator[tuple[mx.array, float]]:
+        """(clean latent chunk, seconds it took) in order."""
         dtype = DTYPES[self.dtype]
-        solver = sampling.make_solver(s.solver, s.steps, s.shift, schedule=schedule)
-        if latents is None:
-            x = mx.random.normal(shape, key=mx.random.key(s.seed)).astype(dtype)
-        else:
-            x = latents.astype(dtype)
-        for t in solver.timesteps:
-            t_vec = mx.full((shape[0],), float(t), dtype=mx.float32)
-            dit, guidance = self.dit, s.guidance
-            if hasattr(self.dit, "select"):
-                # Wan2.2 A14B: one expert per noise level, each with its own published CFG
-                # scale, unless the caller asked for another guidance than the default.
-                dit, expert_guidance = self.dit.select(float(t))
-                if s.guidance == self.defaults["guidance"]:
-                    guidance = expert_guidance
-            v = dit(x, t_vec, context)
-            if neg is not None:
-                v = sampling.cfg(v, dit(x, t_vec, neg), guidance)
-            x = solver.step(v, x).astype(dtype)
-            mx.eval(x)
+        shape = self._latent_shape(s)
+        noise = generation.SeededNoise(s.seed)
+        per_expert = self._per_expert(s)
+        if s.mode == "streaming":
+            for chunk in generation.stream(
+                self.dit,
+                context,
+                shape[1],
+                shape[2:4],
+                s.sampler,
+                noise=noise,
+                neg_context=neg,
+                per_expert_guidance=per_expert,
+                dtype=dtype,
+            ):
+                yield chunk.latents, chunk.seconds
+            return
+        t0 = time.perf_counter()
+        latents = generation.denoise(
+            self.dit,
+            context,
+            shape,
+            s.sampler,
+            noise=noise,
+            neg_context=neg,
+            per_expert_guidance=per_expert,
+            dtype=dtype,
+            on_step=(lambda _: bar.update(1)) if bar is not None else None,
+        )
+        elapsed = time.perf_counter() - t0
+        per_chunk = self._frames_per_chunk(shape[1])
+        for i in range(0, shape[1], per_chunk):
+            yield latents[:, i : i + per_chunk], elapsed if i == 0 else 0.0
+
+    def _chunks(self, s, context, neg, progress: bool, start: float) -> Iterator[VideoChunk]:
+        shape = self._latent_shape(s)
+        num_chunks = math.ceil(shape[1] / self._frames_per_chunk(shape[1]))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            if s.mode == "bidirectional":
+                bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
+            else:
+                bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", leave=True)
+        decoder = self.vae.decoder()
+        # Chunk k decodes on its own stream while chunk k + 1 is denoised (the decode of the
+        # first chunk is waited for at once, so the first frames come as early as they can).
+        decode_stream = mx.new_stream(mx.default_device()) if self.overlap_decode else None
+        frames_out = 0
+        pending = None
+
+        def finish(item) -> VideoChunk:
+            nonlocal frames_out
+            index, decoded, latents, denoise_s, t0 = item
+            mx.eval(decoded)
+            frames = to_uint8(decoded[0])
+            frames_out += frames.shape[0]
             if bar is not None:
-                bar.update(1)
-        return x
+                bar.set_postfix_str(f"{frames_out / (time.perf_counter() - start):.2f} frames/s")
+                if s.mode == "streaming":
+                    bar.update(1)
+            decode_s = time.perf_counter() - t0
+            return VideoChunk(
+                index, frames, latents, denoise_s, decode_s, time.perf_counter() - start
+            )
+
+        try:
+            for index, (latents, denoise_s) in enumerate(self._latent_chunks(s, context, neg, bar)):
+                t0 = time.perf_counter()
+                if decode_stream is None:
+                    decoded = decoder.decode(latents.astype(mx.float32))
+                else:
+                    with mx.stream(decode_stream):
+                        decoded = decoder.decode(latents.astype(mx.float32))
+                    mx.async_eval(decoded)
+                item = (index, decoded, latents, denoise_s, t0)
+                if pending is not None:
+                    yield finish(pending)
+                    pending = None
+                if index == 0 or decode_stream is None:
+                    yield finish(item)
+                else:
+                    pending = item
+            if pending is not None:
+                yield finish(pending)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def stream(self, prompt: str, *, progress: bool = False, **settings) -> Iterator[np.ndarray]:
+        """Yield uint8 frame batches [f, H, W, 3] as each latent chunk is decoded.
+
+        Settings are validated before this returns (see `start`).
+        """
+        run = self.start(prompt, progress=progress, **settings)
+        return (chunk.frames for chunk in run)
+
+    def generate(self, prompt: str, *, progress: bool = False, **settings) -> np.ndarray:
+        """Generate a whole video -> uint8 [F, H, W, 3] (same settings as `start`)."""
+        return np.concatenate(list(self.stream(prompt, progress=progress, **settings)), axis=0)
+
+    # ------------------------------------------------------------------------------------------
+    # The bidirectional path in two parts
 
     def denoise(
         self,
@@ -263,7 +419,8 @@ class Pipeline:
         s = self.settings(prompt, **{"mode": "bidirectional", **settings})
         if s.mode != "bidirectional":
             raise S2DiTError("denoise() runs the bidirectional mode only")
-        use_cfg = s.guidance != 1.0
+        sampler = generation.Sampler(s.solver, s.steps, s.shift, s.guidance, grid=schedule)
+        sampler.validate(streaming=False)
         shape = self._latent_shape(s)
         if latents is not None and tuple(latents.shape) != shape:
             raise S2DiTError(
@@ -271,16 +428,13 @@ class Pipeline:
                 f"got {tuple(latents.shape)}"
             )
         dtype = DTYPES[self.dtype]
-        if context is None or (use_cfg and negative_context is None):
-            with cpu_kernels.enabled():
-                encoded, encoded_neg = self._encode_text(s, use_cfg)
+        if context is None or (sampler.guided and negative_context is None):
+            encoded, encoded_neg = self._encode_text(s)
             context = encoded if context is None else context
             negative_context = encoded_neg if negative_context is None else negative_context
         for name, c in (("context", context), ("negative_context", negative_context)):
             if c is not None and (c.ndim != 3 or c.shape[0] != 1):
                 raise S2DiTError(f"{name} must be [1, L, dim], got {tuple(c.shape)}")
-        context = context.astype(dtype)
-        neg = negative_context.astype(dtype) if use_cfg else None
         bar = None
         if progress:
             from tqdm import tqdm
@@ -288,7 +442,18 @@ class Pipeline:
             bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
         try:
             with cpu_kernels.enabled():
-                return self._bidirectional_latents(s, context, neg, shape, bar, latents, schedule)
+                return generation.denoise(
+                    self.dit,
+                    context.astype(dtype),
+                    shape,
+                    sampler,
+                    noise=generation.SeededNoise(s.seed),
+                    latents=latents,
+                    neg_context=negative_context.astype(dtype) if sampler.guided else None,
+                    per_expert_guidance=self._per_expert(s),
+                    dtype=dtype,
+                    on_step=(lambda _: bar.update(1)) if bar is not None else None,
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -304,113 +469,3 @@ class Pipeline:
                 for i in range(0, latents.shape[1], per_chunk)
             ]
         return mx.concatenate(frames, axis=1)
-
-    def _latent_shape(self, s: GenerationSettings) -> tuple[int, ...]:
-        sf = self.vae.spatial_factor
-        latent_frames = 1 + (s.frames - 1) // self.vae.temporal_factor
-        return (1, latent_frames, s.height // sf, s.width // sf, self.dit.args.in_dim)
-
-    def _frames_per_chunk(self, latent_frames: int) -> int:
-        per_chunk = getattr(self.dit.args, "frames_per_chunk", latent_frames) or latent_frames
-        return max(1, int(per_chunk))
-
-    def stream(self, prompt: str, *, progress: bool = False, **settings) -> Iterator[np.ndarray]:
-        """Yield uint8 frame batches [f, H, W, 3] as each latent chunk is decoded.
-
-        Settings (keyword, None = the model's default): frames, height, width, steps, seed,
-        guidance, negative_prompt, shift, mode ("streaming"|"bidirectional"), solver.
-        After the last batch, `self.last_stats` holds timings and peak memory.
-        """
-        s = self.settings(prompt, **settings)
-        return cpu_kernels.step_enabled(self._stream(s, progress))
-
-    def _stream(self, s: GenerationSettings, progress: bool) -> Iterator[np.ndarray]:
-        dtype = DTYPES[self.dtype]
-        shape = self._latent_shape(s)
-        _, latent_frames, lh, lw, _ = shape
-        per_chunk = self._frames_per_chunk(latent_frames)
-        num_chunks = math.ceil(latent_frames / per_chunk)
-        use_cfg = s.guidance != 1.0
-
-        stats: dict = {"settings": s.to_dict(), "frames": 0, "chunks": 0}
-        self.last_stats = stats
-        mx.reset_peak_memory()
-        busy = 0.0  # seconds spent inside this generator (not in the consumer)
-        start = t0 = time.perf_counter()
-
-        context, neg = self._encode_text(s, use_cfg)
-        stats["text_encode_s"] = time.perf_counter() - t0
-
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            if s.mode == "bidirectional":
-                bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
-            else:
-                bar = tqdm(total=num_chunks, desc="chunks", unit="chunk", leave=True)
-        try:
-            if s.mode == "streaming":
-                if s.solver == sampling.FEW_STEP:
-                    sampler = {"timesteps": sampling.few_step_timesteps(s.steps, s.shift)}
-                else:
-                    sampler = {"solver": partial(sampling.make_solver, s.solver, s.steps, s.shift)}
-                chunks = stream_latent_chunks(
-                    self.dit,
-                    context,
-                    num_latent_frames=latent_frames,
-                    latent_height=lh,
-                    latent_width=lw,
-                    seed=s.seed,
-                    neg_context=neg,
-                    guidance=float(s.guidance),
-                    dtype=dtype,
-                    **sampler,
-                )
-            else:
-                t0 = time.perf_counter()
-                latents = self._bidirectional_latents(s, context, neg, shape, bar)
-                stats["denoise_s"] = time.perf_counter() - t0
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                chunks = (latents[:, i : i + per_chunk] for i in range(0, latent_frames, per_chunk))
-            decoder = self.vae.decoder()
-            stats["chunk_s"], stats["decode_s"] = [], []
-            busy += time.perf_counter() - start
-            resumed = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                mx.eval(chunk)
-                t1 = time.perf_counter()
-                frames = decoder.decode(chunk.astype(mx.float32))
-                batch = to_uint8(frames[0])
-                t2 = time.perf_counter()
-                stats["chunk_s"].append(t1 - t0)
-                stats["decode_s"].append(t2 - t1)
-                stats["chunks"] += 1
-                stats["frames"] += batch.shape[0]
-                if stats["chunks"] == 1:
-                    stats["first_frames_s"] = busy + (t2 - resumed)
-                if bar is not None:
-                    wall = time.perf_counter() - start
-                    bar.set_postfix_str(f"{stats['frames'] / wall:.2f} frames/s")
-                    bar.update(1)
-                busy += time.perf_counter() - resumed
-                yield batch
-                resumed = time.perf_counter()
-            busy += time.perf_counter() - resumed
-        finally:
-            if bar is not None:
-                bar.close()
-        stats["generate_s"] = busy
-        stats["frames_per_s"] = stats["frames"] / busy if busy > 0 else None
-        stats["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-
-    def generate(self, prompt: str, *, progress: bool = False, **settings) -> np.ndarray:
-        """Generate a whole video -> uint8 [F, H, W, 3] (same settings as `stream`)."""
-        batches = list(self.stream(prompt, progress=progress, **settings))
-        return np.concatenate(batches, axis=0)

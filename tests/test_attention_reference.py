@@ -1,6 +1,6 @@
 """Brute-force float64 NumPy references for the S2DiT self-attention blocks.
 
-Each reference is written straight from its definition (DESIGN.md section 2 and the ModelArgs
+Each reference is written straight from its definition (docs/architecture.md and the ModelArgs
 comments) with explicit loops and token masks, reads the module's own weights after EVERY
 parameter has been randomised, and must match the float32 MLX module to a max abs error of
 TOL = 1e-4. Softmax and linear attention use per-query visibility sets, never the modules'
@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
+from s2dit_mlx.attention import TokenLayout, attention_kind
+from s2dit_mlx.attention.full import FullAttention
+from s2dit_mlx.attention.lcha import LinConvAttention
+from s2dit_mlx.attention.ssa import StrideSelfAttention
 from s2dit_mlx.models import layers
 from s2dit_mlx.models.layers import apply_rope, rope_table
-from s2dit_mlx.models.s2dit import (
-    FullAttention,
-    LinConvAttention,
-    ModelArgs,
-    StrideSelfAttention,
-    TokenLayout,
-)
-from s2dit_mlx.streaming import KVWindow, LinearState
+from s2dit_mlx.models.s2dit import ModelArgs
 
 TOL = 1e-4  # max abs error, float32 MLX module vs float64 NumPy reference
 BREAK = 1e-3  # a deliberately wrong module must miss the reference by at least this much
@@ -420,8 +417,10 @@ def test_frame_offset_streaming(cls, chunk_frames, window, sink):
     ref = REFERENCES[cls](w, x, args, GRID, 0, chunk_frames)
     w.assert_all_used()
 
+    kind = {FullAttention: "full", LinConvAttention: "lcha", StrideSelfAttention: "ssa"}[cls]
+
     def cache():
-        return LinearState() if cls is LinConvAttention else KVWindow(window, sink)
+        return attention_kind(kind).make_cache(args)
 
     starts = list(range(0, GRID[0], chunk_frames))
     err = max_err(stream(module, x, GRID, chunk_frames, cache(), starts), ref)

@@ -539,6 +539,13 @@ def test_load_model_reads_sharded_quantized_two_expert_folders(full_checkpoints,
     video = pipe.generate("a cat", frames=5, height=32, width=32, steps=3, seed=0)
     assert video.shape == (5, 32, 32, 3)
     assert True in seen and False in seen  # both experts denoised
+    # The same folder streams chunk by chunk, each expert with its own caches.
+    seen.clear()
+    streamed = pipe.generate(
+        "a cat", frames=9, height=32, width=32, steps=3, seed=0, mode="streaming"
+    )
+    assert streamed.shape == (9, 32, 32, 3)
+    assert True in seen and False in seen
 
 
 def test_hub_ids_download_only_the_wan_files(checkpoints, monkeypatch, tmp_path):

@@ -2,7 +2,7 @@
 
 A tiny random S2DiT with an lcha/ssa/full sandwich (window 3 chunks, 1 sink, so the KV ring
 buffer wraps within the 5 streamed chunks) and the patch VAE decoder; tiny random Wan VAE
-decoders (2.1 and 2.2) streamed over 5 latent frames. Gates (DESIGN.md sec. 7):
+decoders (2.1 and 2.2) streamed over 5 latent frames. Gates (docs/architecture.md, "Core ML export"):
 PSNR (peak = max |MLX|) >= 60 dB for the fp32 package, >= 50 dB for fp16, per chunk, states
 carried across calls. Compressed packages (random weights, so no quality gate yet) must export,
 pass the structural checks and run; their PSNR is printed and bounded loosely.
@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 pytest.importorskip("coremltools")
 
+from s2dit_mlx.attention.lcha import depthwise_causal_conv3d, softplus  # noqa: E402
 from s2dit_mlx.coreml import verify  # noqa: E402
 from s2dit_mlx.coreml._ct import quiet_progress  # noqa: E402
 from s2dit_mlx.coreml.check import check_package  # noqa: E402
@@ -53,12 +54,12 @@ from s2dit_mlx.coreml.export import (  # noqa: E402
 )
 from s2dit_mlx.coreml.interpret import Package  # noqa: E402
 from s2dit_mlx.errors import S2DiTError  # noqa: E402
+from s2dit_mlx.generation import Sampler, SeededNoise, stream  # noqa: E402
 from s2dit_mlx.models import layers  # noqa: E402
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig  # noqa: E402
-from s2dit_mlx.models.s2dit import ModelArgs, S2DiT, depthwise_causal_conv3d, softplus  # noqa: E402
+from s2dit_mlx.models.s2dit import ModelArgs, S2DiT  # noqa: E402
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from s2dit_mlx.sampling import FlowEulerSolver  # noqa: E402
-from s2dit_mlx.streaming import stream_latent_chunks  # noqa: E402
 
 TIMESTEPS = [1000.0, 937.5, 833.3, 625.0]
 CHUNKS = 5
@@ -721,10 +722,8 @@ def test_manifest_euler_rule_reproduces_mlx_streaming(tiny):
     """The manifest's Euler update, fed only denoise's x0, gives MLX's streaming Euler chunks."""
     dit, context = tiny[0], mx.array(tiny[2])
     euler = FlowEulerSolver(3, 3.0)
-    kwargs = dict(num_latent_frames=4, latent_height=4, latent_width=8, seed=7)
-    want = list(
-        stream_latent_chunks(dit, context, solver=lambda: FlowEulerSolver(3, 3.0), **kwargs)
-    )
+    chunks = stream(dit, context, 4, (4, 8), Sampler("euler", 3, 3.0), noise=SeededNoise(7))
+    want = [c.latents for c in chunks]
     assert "(x - x0) * 1000 / t" in describe_sampler("euler")["step"]
     cache, key = dit.make_cache(), mx.random.key(7)
     for chunk in want:
@@ -779,7 +778,8 @@ def test_coreml_predict_with_state_matches_mlx(tiny, tmp_path_factory):  # pragm
 
 def test_analytic_cost_matches_exported_graph(tiny, tmp_path_factory):
     from s2dit_mlx.coreml import cost
-    from s2dit_mlx.coreml.emit import StreamShapes, dit_state_specs
+    from s2dit_mlx.coreml.emit import dit_state_specs
+    from s2dit_mlx.coreml.shapes import StreamShapes
 
     dit = tiny[0]
     args = dit.args

@@ -484,10 +484,15 @@ def test_pipeline_generate_and_stream(pipe):
     batches = list(pipe.stream("a cat", seed=1))
     assert [b.shape[0] for b in batches] == [5, 4]  # 3 latent frames in chunks of 2 + 1
     np.testing.assert_array_equal(np.concatenate(batches), video)
-    stats = pipe.last_stats
+    run = pipe.start("a cat", seed=1)
+    chunks = list(run)
+    assert [c.index for c in chunks] == [0, 1]
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks]), video)
+    stats = run.summary()
     assert stats["frames"] == 9 and stats["chunks"] == 2
     for key in ("text_encode_s", "first_frames_s", "generate_s", "frames_per_s", "peak_memory_gb"):
         assert stats[key] is not None and stats[key] >= 0, key
+    assert stats["denoise_s"] == pytest.approx(sum(c.denoise_s for c in chunks))
     assert not np.array_equal(pipe.generate("a cat", seed=2), video)
 
 
@@ -516,7 +521,10 @@ def test_pipeline_bidirectional_with_guidance(pipe):
             seed=4,
         )
         assert video.shape == (13, 32, 64, 3)
-    assert "denoise_s" in pipe.last_stats
+    run = pipe.start("a cat", mode="bidirectional", guidance=3.0, frames=13, seed=4)
+    chunks = list(run)
+    assert chunks[0].denoise_s > 0 and all(c.denoise_s == 0 for c in chunks[1:])
+    assert run.summary()["denoise_s"] == chunks[0].denoise_s
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -555,3 +563,25 @@ def test_pipeline_validation(pipe, settings, match):
 def test_pipeline_unknown_dtype(tiny_model_dir):
     with pytest.raises(S2DiTError, match="unknown dtype"):
         Pipeline.from_pretrained(str(tiny_model_dir), dtype="float8")
+
+
+def test_components_meet_the_vae_and_text_encoder_interfaces(tiny_model_dir):
+    """Every built-in VAE and text encoder satisfies the Protocols the pipeline relies on."""
+    from s2dit_mlx.models.interfaces import StreamingDecoder, TextEncoder, VideoVAE
+    from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
+
+    bundle = load_model(tiny_model_dir)
+    wan = WanVAE(WanVAEConfig(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1))
+    for vae in (bundle.vae, wan):
+        assert isinstance(vae, VideoVAE), type(vae)
+        assert isinstance(vae.decoder(), StreamingDecoder)
+    assert isinstance(bundle.text_encoder, TextEncoder)
+    assert not isinstance(bundle.dit, VideoVAE)  # the checks can fail
+
+
+def test_overlapped_decode_gives_the_same_frames(tiny_model_dir):
+    """Decoding chunk k on its own stream while chunk k + 1 denoises changes no frame."""
+    pipe = Pipeline.from_pretrained(str(tiny_model_dir))
+    overlapped = pipe.generate("a cat", frames=17, seed=2)
+    pipe.overlap_decode = False
+    np.testing.assert_array_equal(pipe.generate("a cat", frames=17, seed=2), overlapped)

@@ -1,16 +1,14 @@
 """S2DiT shapes, dtypes, causality and streaming equivalence at tiny random configs."""
 
-from functools import partial
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from s2dit_mlx import sampling
+from s2dit_mlx import generation, sampling
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.generation import Sampler, SeededNoise
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
-from s2dit_mlx.streaming import stream_latent_chunks
 
 STREAM_TOL = 1e-4  # fp32 max abs error, streaming vs one block-causal pass
 
@@ -128,8 +126,16 @@ def test_cache_memory_is_bounded():
         model(x[:, s : s + 1], t[:, s : s + 1], ctx, cache=cache, update_cache=True)
         mx.eval(cache.arrays())
         sizes.append(cache.nbytes())
-    assert sizes[3] == sizes[-1], sizes  # flat once sink + window are filled
-    assert sizes[0] < sizes[3]
+    # Preallocated: flat from the first chunk, at sink + window - 1 kept slots plus one scratch
+    # slot per softmax layer (float32 keys and values of 1 x 4 x 8 / patch 2 x 2 tokens, and a
+    # quarter of that for SSA); plus LCHA's sums and its 2 conv frames.
+    assert len(set(sizes)) == 1, sizes
+    args = model.args
+    full_tokens, ssa_tokens = 1 * 2 * 4, 1 * 2 * 4 // 4
+    kv = 2 * 4 * args.dim * (args.sink + args.window) * (full_tokens + ssa_tokens)
+    heads, hd = args.num_heads, args.head_dim
+    lcha = 4 * (heads * hd * hd + heads * hd) + 4 * 2 * full_tokens * args.dim
+    assert sizes[0] == kv + lcha, (sizes[0], kv, lcha)
 
 
 def test_unbounded_window_grows_and_lcha_state_does_not():
@@ -144,18 +150,20 @@ def test_unbounded_window_grows_and_lcha_state_does_not():
         assert (sizes[-1] > sizes[1]) == grows, (layers, sizes)
 
 
+def stream_latents(model, ctx, frames, sampler, seed, neg=None, size=(4, 4)):
+    """Clean latent chunks of the generation core as numpy arrays."""
+    chunks = generation.stream(
+        model, ctx, frames, size, sampler, noise=SeededNoise(seed), neg_context=neg
+    )
+    return [np.array(c.latents) for c in chunks]
+
+
+FEW_STEP_4 = Sampler("few-step", steps=4, shift=5.0)  # [1000, 937.5, 833.3, 625]
+
+
 def stream(model, frames, seed=3):
     ctx = mx.array(np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32))
-    chunks = stream_latent_chunks(
-        model,
-        ctx,
-        num_latent_frames=frames,
-        latent_height=4,
-        latent_width=4,
-        timesteps=[1000.0, 937.5, 833.3, 625.0],
-        seed=seed,
-    )
-    return [np.array(c) for c in chunks], ctx
+    return stream_latents(model, ctx, frames, FEW_STEP_4, seed), ctx
 
 
 def test_generator_future_frames_never_change_past_ones():
@@ -199,26 +207,18 @@ def test_guided_stream_batches_both_prompts_like_two_caches():
     model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
     rng = np.random.default_rng(5)
     ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
-    timesteps = [1000.0, 750.0, 500.0]
-    kwargs = dict(num_latent_frames=5, latent_height=4, latent_width=4, timesteps=timesteps)
-    got = [
-        np.array(c)
-        for c in stream_latent_chunks(model, ctx, **kwargs, seed=2, neg_context=neg, guidance=4.0)
-    ]
+    guided = Sampler("few-step", steps=3, shift=2.0, guidance=4.0)
+    timesteps = guided.timesteps()
+    got = stream_latents(model, ctx, 5, guided, seed=2, neg=neg)
     want = two_cache_guided_stream(model, ctx, neg, 5, timesteps, 4.0, seed=2)
     assert [c.shape[1] for c in got] == [2, 2, 1]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
-    unguided = [np.array(c) for c in stream_latent_chunks(model, ctx, **kwargs, seed=2)]
+    unguided = stream_latents(model, ctx, 5, Sampler("few-step", 3, 2.0), seed=2)
     assert np.abs(unguided[-1] - got[-1]).max() > 1e-2  # guidance changes the result
     # A negative context of another length cannot be stacked: two caches, same answer.
     longer = mx.concatenate([neg, mx.zeros((1, 1, 8))], axis=1)
-    got = [
-        np.array(c)
-        for c in stream_latent_chunks(
-            model, ctx, **kwargs, seed=2, neg_context=longer, guidance=4.0
-        )
-    ]
+    got = stream_latents(model, ctx, 5, guided, seed=2, neg=longer)
     want = two_cache_guided_stream(model, ctx, longer, 5, timesteps, 4.0, seed=2)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
@@ -246,14 +246,8 @@ def test_solver_stream_equals_block_causal_denoising():
     rng = np.random.default_rng(6)
     ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
     steps, shift, guidance, frames = 4, 2.0, 3.0, 7
-    grid = dict(num_latent_frames=frames, latent_height=4, latent_width=4, seed=9)
-    euler = partial(sampling.make_solver, "euler", steps, shift)
-    got = [
-        np.array(c)
-        for c in stream_latent_chunks(
-            model, ctx, **grid, solver=euler, neg_context=neg, guidance=guidance
-        )
-    ]
+    euler = Sampler("euler", steps, shift, guidance)
+    got = stream_latents(model, ctx, frames, euler, seed=9, neg=neg)
     sigmas = sampling.shift_sigmas(np.linspace(1.0, 0.0, steps + 1), shift)
     key, clean, want = mx.random.key(9), None, []
     for start in range(0, frames, 2):
@@ -273,20 +267,56 @@ def test_solver_stream_equals_block_causal_denoising():
     assert [c.shape[1] for c in got] == [2, 2, 2, 1]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())
-    few_step = stream_latent_chunks(model, ctx, **grid, timesteps=[1000.0, 750.0, 500.0, 250.0])
-    assert np.abs(np.array(next(few_step)) - got[0]).max() > 1e-2  # a different sampler
+    few_step = stream_latents(model, ctx, frames, Sampler("few-step", 4, 1.0), seed=9)
+    assert np.abs(few_step[0] - got[0]).max() > 1e-2  # a different sampler
 
 
-def test_stream_takes_one_sampler():
+@pytest.mark.parametrize(
+    "sampler, match",
+    [
+        (Sampler("rk4"), "solver must be one of euler, unipc, few-step"),
+        (Sampler("euler", steps=0), "steps must be a positive integer"),
+        (Sampler("euler", shift=0.0), "shift must be a positive number"),
+        (Sampler("euler", guidance=-1.0), "guidance must be a finite number"),
+        (Sampler("euler", points=(1000.0,)), "explicit timesteps need the few-step"),
+        (Sampler.few_step([1000.0, 1000.0]), "strictly decreasing"),
+        (Sampler.few_step([1200.0, 500.0]), "fall in"),
+    ],
+)
+def test_stream_validates_its_sampler(sampler, match):
     model = tiny_model(["lcha"], chunk=2)
-    ctx = mx.zeros((1, 3, 8))
-    kwargs = dict(num_latent_frames=2, latent_height=4, latent_width=4, seed=0)
-    for samplers in (
-        {},
-        dict(timesteps=[1000.0], solver=lambda: sampling.make_solver("euler", 1, 1.0)),
-    ):
-        with pytest.raises(S2DiTError, match="either the few-step timesteps or an ODE solver"):
-            next(stream_latent_chunks(model, ctx, **kwargs, **samplers))
+    with pytest.raises(S2DiTError, match=match):
+        next(
+            generation.stream(model, mx.zeros((1, 3, 8)), 2, (4, 4), sampler, noise=SeededNoise(0))
+        )
+
+
+def test_saved_and_restored_stream_continues_bit_identically(tmp_path):
+    """Save the stream state after chunk 2, restore it (and branch it), continue: same bytes."""
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    rng = np.random.default_rng(7)
+    ctx, neg = (mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32)) for _ in range(2))
+    guided = Sampler("few-step", steps=3, shift=3.0, guidance=2.0)
+    whole = stream_latents(model, ctx, 11, guided, seed=5, neg=neg)
+    state = generation.new_stream_state(model, SeededNoise(5), True, ctx, neg)
+    first = generation.stream(model, ctx, 11, (4, 4), guided, neg_context=neg, state=state)
+    head = [np.array(next(first).latents) for _ in range(2)]
+    state.save(tmp_path / "stream.safetensors")
+    branch = state.copy()
+    rest = [np.array(c.latents) for c in first]
+    restored = generation.StreamState.load(tmp_path / "stream.safetensors")
+    again = generation.stream(model, ctx, 11, (4, 4), guided, neg_context=neg, state=restored)
+    resumed = [np.array(c.latents) for c in again]
+    branched = generation.stream(model, ctx, 11, (4, 4), guided, neg_context=neg, state=branch)
+    for got in (head + rest, head + resumed, head + [np.array(c.latents) for c in branched]):
+        assert len(got) == len(whole) == 6
+        for g, w in zip(got, whole, strict=True):
+            np.testing.assert_array_equal(g, w)
+    # The test can fail: a state restored without its noise keys continues differently.
+    lost = generation.StreamState.load(tmp_path / "stream.safetensors")
+    lost.noise = SeededNoise(6)
+    other = generation.stream(model, ctx, 11, (4, 4), guided, neg_context=neg, state=lost)
+    assert np.abs(np.array(next(other).latents) - whole[2]).max() > 1e-3
 
 
 def test_config_errors_are_one_line():

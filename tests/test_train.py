@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from s2dit_mlx import rng
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.loading import load_model
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from train import checkpoint as ckpt_mod
-from train import rng
 from train.data import VideoEncoder, load_source, local_slice, shapes_source, tokenize
 from train.flow import (
     FlowConfig,

@@ -13,6 +13,8 @@ from pathlib import Path
 import s2dit_mlx  # noqa: F401
 
 # isort: split
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -344,6 +346,18 @@ def test_experts_switch_at_the_boundary():
     assert mx.array_equal(experts(x, t, ctx), low(x, t, ctx))
     with pytest.raises(S2DiTError, match="boundary"):
         WanExperts(high, low, boundary=1.5)
+    # Streaming: each expert keeps its own caches; a writing pass fills both, so chunk c from
+    # either expert equals that expert's block-causal pass over the whole video.
+    windowed = replace(args, frames_per_chunk=1, window=2)
+    pair = WanExperts(S2DiT(windowed), S2DiT(windowed), boundary=0.875)
+    ts = [950.0, 100.0, 990.0, 300.0]  # high, low, high, low
+    xs = mx.random.normal((1, len(ts), 2, 2, args.in_dim))
+    cache = pair.make_cache()
+    for c, t_c in enumerate(ts):
+        got = pair(xs[:, c : c + 1], mx.array([t_c]), ctx, cache=cache, update_cache=True)
+        want = pair.select(t_c)[0](xs, mx.array([ts]), ctx, chunk_frames=1)[:, c : c + 1]
+        assert float(mx.abs(got - want).max()) <= 1e-4, c
+    assert cache["high_noise"].frames == cache["low_noise"].frames == len(ts)
     # an nn.Module over both experts: the pipeline's set_dtype reaches both
     experts.set_dtype(mx.bfloat16)
     assert low.blocks[0].self_attn.q.weight.dtype == mx.bfloat16

@@ -23,6 +23,7 @@ from wan_refs import (
     torch_state_to_mx,
 )
 
+from s2dit_mlx.cache import ConvHistories
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.models import wan_vae
 from s2dit_mlx.models.wan_vae import (
@@ -461,11 +462,11 @@ def test_tile_blending_is_exact_for_pointwise_nets():
     assert len(tiling.tiles) == 3 * 4  # starts 0, 3, (flush) 6 x 0, 3, 6, (flush) 9
     total = sum(np.array(w)[0, 0, :, :, 0].sum() for w in tiling.weights)
     assert abs(total - 11 * 14 * 16) < 1e-3  # weights sum to one per output pixel
-    out = tiling.run(x, _Upsample(4), [{} for _ in tiling.tiles], True)
+    out = tiling.run(x, _Upsample(4), [ConvHistories() for _ in tiling.tiles], True)
     assert _max_err(out, _Upsample(4)(x, None, True)) <= 1e-6
     x = mx.random.normal((1, 2, 48, 40, 3), key=mx.random.key(2))
     tiling = _Tiling.plan(48, 40, tile=16, stride=8, scale=1 / 8)
-    out = tiling.run(x, _Pool(8), [{} for _ in tiling.tiles], True)
+    out = tiling.run(x, _Pool(8), [ConvHistories() for _ in tiling.tiles], True)
     assert _max_err(out, _Pool(8)(x, None, True)) <= 1e-6
 
 

@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
+from s2dit_mlx import rng
 from s2dit_mlx.errors import S2DiTError
-
-from . import rng
 
 DataSource = Callable[[Sequence[int]], dict]
 

@@ -93,6 +93,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from s2dit_mlx import rng
 from s2dit_mlx.cli_args import (
     Parser,
     decay,
@@ -120,7 +121,6 @@ from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
 
-from . import rng
 from .palette import PALETTE_BITS
 
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"

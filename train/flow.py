@@ -20,7 +20,7 @@ x_s = (1 - s) x0 + s eps, the model is called with t = 1000 s and regresses v = 
   the plain MSE is mostly background. Each position's error can be weighted up where the clean
   clip moves and where it differs from its frame's background (see `position_weights`).
 
-All randomness comes from per-sample keys (train.rng), so a sample's noise does not depend on
+All randomness comes from per-sample keys (s2dit_mlx.rng), so a sample's noise does not depend on
 how the batch is split across processes or on where a run was resumed.
 """
 

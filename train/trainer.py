@@ -10,7 +10,7 @@ it), or with `skip_nonfinite` > 0 is skipped (no update) up to that many times.
 
 The model is any nn.Module whose trainable parameters are what is trained (freeze the rest,
 e.g. for LoRA); `loss_fn(model, batch, keys) -> scalar` gets a batch dict of arrays and one
-PRNG key per sample (train.rng), so a step's randomness is a function of (seed, step) only.
+PRNG key per sample (s2dit_mlx.rng), so a step's randomness is a function of (seed, step) only.
 
 Determinism contract (what makes `resume` exact): the data of micro-step m are the global
 samples [m B, (m + 1) B); sample n's noise is keyed by (seed, n); MLX's global generator
@@ -37,10 +37,10 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
+from s2dit_mlx import rng
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.validate import check_field_types
 
-from . import rng
 from .checkpoint import (
     CHECKPOINTS,
     check_weights,

@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from s2dit_mlx import rng
 from s2dit_mlx.cli_args import (
     Parser,
     decay,
@@ -36,7 +37,6 @@ from s2dit_mlx.fsutil import atomic_dir, check_run_dir, mark_run_dir
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
-from . import rng
 from .data import shapes_source
 from .trainer import TrainConfig, Trainer, write_run_config
 

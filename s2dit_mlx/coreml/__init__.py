@@ -1,4 +1,4 @@
-"""Core ML export of S2DiT for iPhone (DESIGN.md section 7).
+"""Core ML export of S2DiT for iPhone (docs/architecture.md, "Core ML export").
 
 - emit.py: MIL builder emitters, one per S2DiT module, from the model's own weights;
 - vae.py: the streaming VAE decoder emitters (patch VAE; dispatch to wan_vae.py for the Wan VAE,

@@ -1,51 +1,37 @@
 """Analytic cost of one exported streaming call: FLOPs (2 per multiply-add) and state bytes.
 
-Counts the matmul-like work of the graph emit.py writes (projections, attention scores and
-mixing, LCHA feature maps and sums, the depthwise conv, FFN, cross-attention, embeddings);
-elementwise work (norms, RoPE, gates) is left out, as is usual. Pure Python: no coremltools.
+Counts the matmul-like work of the graph emit.py writes (each attention kind counts its own:
+attention/*.py `flops`; FFN, cross-attention, embeddings here); elementwise work (norms, gates)
+is left out, as is usual. Pure Python: no coremltools.
 """
 
 from __future__ import annotations
 
 import math
 
+from ..attention import CallShape, attention_kind
+from ..cache import ChunkSchedule
+
+
+def call_shape(args, frames: int, height: int, width: int, window: int, sink: int) -> CallShape:
+    """The CallShape of one streaming call; height/width are latent sizes."""
+    _, ph, pw = args.patch_size
+    past = ChunkSchedule(window, sink).past_slots
+    return CallShape(frames, height // ph, width // pw, past, args.text_len)
+
 
 def call_flops(args, frames: int, height: int, width: int, window: int, sink: int) -> dict:
     """FLOPs of one denoise (or write) call on a chunk; height/width are latent sizes."""
+    shape = call_shape(args, frames, height, width, window, sink)
     _, ph, pw = args.patch_size
-    h, w = height // ph, width // pw
-    n = frames * h * w  # tokens of the chunk
-    d, f_ffn, L = args.dim, args.ffn_dim, args.text_len
-    feature = args.lcha_feature_dim or args.head_dim
-    kt, kh, kw = args.lcha_conv_kernel
-    slots = sink + window - 1
-    per_kind = {}
-    hd = args.head_dim
+    n, d, f_ffn, L = shape.tokens, args.dim, args.ffn_dim, args.text_len
     common = (
-        2 * n * d * d * 4  # q, k, v, o projections
-        + 2 * n * d * f_ffn * 2  # FFN
+        2 * n * d * f_ffn * 2  # FFN
         + 2 * n * d * d * 2
         + 2 * L * d * d * 2  # cross q, o (video) and k, v (text)
         + 2 * n * L * d * 2  # cross scores and mixing
     )
-    for kind in set(args.layers):
-        # RoPE is emitted as a matmul with a pair-rotation matrix: 2 * tokens * dim * head_dim.
-        if kind == "full":
-            extra = 2 * n * (n * (slots + 1)) * d * 2 + 2 * n * d * hd * 2
-        elif kind == "ssa":
-            m = n // (args.ssa_stride**2)
-            extra = 2 * m * (m * (slots + 1)) * d * 2 + 2 * m * d * hd * 2
-        else:  # lcha
-            heads = args.num_heads
-            extra = (
-                2 * n * d * feature * 2  # feature maps of q and k (per head, head_dim -> F)
-                + 2 * n * feature * d * 2  # phi(k)^T v and phi(q) S
-                + 2 * n * feature * heads  # denominator phi(q) z
-                + 2 * n * heads * feature * feature * 2 * int(args.lcha_rope)  # RoPE on phi
-                + 2 * n * d * kt * kh * kw  # depthwise conv
-                + 2 * n * d * d  # conv_proj
-            )
-        per_kind[kind] = common + extra
+    per_kind = {kind: common + attention_kind(kind).flops(args, shape) for kind in set(args.layers)}
     embed = (
         2 * n * (ph * pw * args.in_dim) * d  # patch embedding
         + 2 * n * d * (ph * pw * args.out_dim)  # head
@@ -57,21 +43,13 @@ def call_flops(args, frames: int, height: int, width: int, window: int, sink: in
 
 
 def state_bytes(args, frames: int, height: int, width: int, window: int, sink: int) -> int:
-    """Bytes of the fp16 streaming state (what emit.dit_state_specs allocates)."""
-    _, ph, pw = args.patch_size
-    h, w = height // ph, width // pw
-    slots = sink + window - 1
-    feature = args.lcha_feature_dim or args.head_dim
-    kt = args.lcha_conv_kernel[0]
-    total = 0
-    for kind in args.layers:
-        if kind in ("full", "ssa"):
-            s = args.ssa_stride if kind == "ssa" else 1
-            total += 2 * slots * frames * (h // s) * (w // s) * args.dim
-        else:
-            total += args.num_heads * feature * (args.head_dim + 1)
-            total += args.dim * max(kt - 1, 0) * h * w
-    return 2 * total
+    """Bytes of the fp16 streaming state: the kinds' Core ML states, summed over the layers."""
+    shape = call_shape(args, frames, height, width, window, sink)
+    return sum(
+        spec.nbytes
+        for i, kind in enumerate(args.layers)
+        for spec in attention_kind(kind).coreml_states(args, shape, i)
+    )
 
 
 def chunk_cost(args, frames, height, width, window, sink, steps: int) -> dict:

@@ -2,13 +2,15 @@
 
 One emitter per module, fed from the model's own weights (a flat `name -> float32 array` dict, the
 names of `tree_flatten(model.parameters())`): no PyTorch twin. Tensors are row-major like MLX:
-tokens [1, N, dim], heads [1, H, N, D]; a chunk of `frames` latent frames is one call.
+tokens [1, N, dim], heads [1, H, N, D]; a chunk of `frames` latent frames is one call. Each
+attention kind brings its own emitter and states (s2dit_mlx/attention/); this module holds the
+shared pieces (projections, RoPE, the windowed softmax) and the rest of the block.
 
 Streaming state lives in fp16 Core ML states (iOS 18):
-- `full` / `ssa`: key and value ring buffers [1, H, slots * n, D] (n tokens per chunk), with
-  slots = sink + window - 1: sink chunk c sits in slot c, later chunks cycle through the other
-  window - 1 slots. With this order slot s holds a visible chunk exactly when s < chunk index, so
-  the mask is one comparison against the `chunk` input.
+- softmax kinds (`full`, `ssa`): key and value ring buffers [1, H, slots * n, D] (n tokens per
+  chunk), slots and slot arithmetic from cache.ChunkSchedule (sink + window - 1 slots; slot s
+  holds a visible chunk exactly when s < chunk index, so the mask is one comparison against the
+  `chunk` input);
 - `lcha`: running *means* of phi(k) v^T and phi(k) over every token written so far (not sums:
   sums grow with video length and overflow fp16), [1, H, F, D] and [1, H, F, 1]; the linear
   attention ratio is unchanged once eps is divided by the token count. Plus the last kt - 1 input
@@ -19,14 +21,16 @@ state exactly once, each update placed right after the op that produces it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..attention import attention_kind
+from ..cache import ChunkSchedule
 from ..errors import S2DiTError
 from ..models.layers import rope_axis_dims
 from ._ct import require
+from .shapes import StateSpec, StreamShapes
 
 ct = require()
 from coremltools.converters.mil import Builder as mb  # noqa: E402
@@ -36,75 +40,12 @@ MASK_NEG = -30000.0  # additive mask: exp(-3e4) is 0 in fp16 and fp32, and -3e4 
 DTYPES = {"fp32": (np.float32, types.fp32), "fp16": (np.float16, types.fp16)}
 
 
-@dataclass
-class StreamShapes:
-    """Static shapes of one exported streaming call (chosen at export)."""
-
-    frames: int  # latent frames per chunk
-    latent_height: int
-    latent_width: int
-    window: int  # chunks of softmax keys visible, the current one included
-    sink: int
-    text_len: int
-
-    def grid(self, patch: tuple[int, int, int]) -> tuple[int, int, int]:
-        """Token grid (frames, height, width) of one chunk."""
-        return self.frames, self.latent_height // patch[1], self.latent_width // patch[2]
-
-    @property
-    def slots(self) -> int:
-        """Past chunks a softmax layer keeps: the sinks plus window - 1 recent ones."""
-        return self.sink + self.window - 1
-
-
-@dataclass
-class StateSpec:
-    """One Core ML state: name, shape and which layer owns it."""
-
-    name: str
-    shape: tuple[int, ...]
-    layer: int
-    kind: str  # "keys", "values", "kv_mean", "k_mean", "conv_frames", "vae_history"
-    dtype: str = "fp16"
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * math.prod(self.shape)
-
-    def to_dict(self) -> dict:
-        """JSON-ready description for the manifest."""
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "bytes": self.nbytes,
-            "layer": self.layer,
-            "kind": self.kind,
-        }
-
-
 def dit_state_specs(args, shapes: StreamShapes) -> list[StateSpec]:
     """The fp16 states of a streaming S2DiT export, in function-input order."""
-    frames, height, width = shapes.grid(args.patch_size)
-    heads, hd = args.num_heads, args.head_dim
-    feature_dim = args.lcha_feature_dim or hd
-    kt = args.lcha_conv_kernel[0]
+    call = shapes.call_shape(args.patch_size)
     specs = []
     for i, kind in enumerate(args.layers):
-        if kind in ("full", "ssa"):
-            s = args.ssa_stride if kind == "ssa" else 1
-            n = frames * (height // s) * (width // s)
-            shape = (1, heads, shapes.slots * n, hd)
-            specs += [StateSpec(f"l{i}_keys", shape, i, "keys")]
-            specs += [StateSpec(f"l{i}_values", shape, i, "values")]
-        elif kind == "lcha":
-            specs += [StateSpec(f"l{i}_kv_mean", (1, heads, feature_dim, hd), i, "kv_mean")]
-            specs += [StateSpec(f"l{i}_k_mean", (1, heads, feature_dim, 1), i, "k_mean")]
-            if kt > 1:
-                shape = (1, args.dim, kt - 1, height, width)
-                specs += [StateSpec(f"l{i}_conv_frames", shape, i, "conv_frames")]
-        else:
-            raise S2DiTError(f"Core ML export does not support block type '{kind}'")
+        specs += attention_kind(kind).coreml_states(args, call, i)
     return specs
 
 
@@ -248,23 +189,20 @@ def apply_rope(ctx: Ctx, x, tables):
 # Attention
 
 
-def softmax_with_window(ctx: Ctx, args, layer: int, q, k, v, shapes: StreamShapes):
-    """Block-causal softmax attention of the chunk's q [1,H,n,D] over the ring buffer and itself."""
+def softmax_with_window(
+    ctx: Ctx, args, layer: int, q, k, v, shapes: StreamShapes, schedule: ChunkSchedule | None = None
+):
+    """Block-causal softmax attention of the chunk's q [1,H,n,D] over the ring buffer and itself.
+
+    `schedule` (default: the export's window and sink) says which slots the layer keeps.
+    """
     n = q.shape[2]
-    slots = shapes.slots
+    schedule = schedule or shapes.schedule
+    slots = schedule.past_slots
     keys_state, values_state = ctx.states[f"l{layer}_keys"], ctx.states[f"l{layer}_values"]
     past_k, past_v = mb.read_state(input=keys_state), mb.read_state(input=values_state)
     if ctx.write:
-        c = ctx.chunk
-        recent = max(shapes.window - 1, 1)
-        cycled = mb.add(
-            x=mb.mod(
-                x=mb.maximum(x=mb.sub(x=c, y=np.int32(shapes.sink)), y=np.int32(0)),
-                y=np.int32(recent),
-            ),
-            y=np.int32(shapes.sink),
-        )
-        slot = mb.minimum(x=c, y=cycled)
+        slot = schedule.mil_slot(mb, ctx.chunk)
         start = mb.mul(x=slot, y=np.int32(n))
         zero = np.zeros(1, np.int32)
         begin = mb.concat(values=[zero, zero, start, zero], axis=0)
@@ -272,7 +210,7 @@ def softmax_with_window(ctx: Ctx, args, layer: int, q, k, v, shapes: StreamShape
         for state, past, new in ((keys_state, past_k, k), (values_state, past_v, v)):
             updated = mb.slice_update(x=past, update=ctx.to_state(new), begin=begin, end=end)
             mb.coreml_update_state(state=state, value=updated)
-    # Slot s holds a visible chunk iff s < chunk (see the module docstring).
+    # Slot s holds a visible chunk iff s < chunk (cache.ChunkSchedule).
     valid = mb.cast(x=mb.less(x=np.arange(slots, dtype=np.int32), y=ctx.chunk), dtype=ctx.dtype)
     bias = mb.mul(x=mb.sub(x=valid, y=ctx.c(1.0)), y=ctx.c(-MASK_NEG))  # 0 or MASK_NEG
     bias = mb.tile(x=mb.reshape(x=bias, shape=[slots, 1]), reps=[1, n])
@@ -293,125 +231,12 @@ def qkv(ctx: Ctx, args, x, prefix: str):
     return q, k, linear(ctx, x, prefix + ".v")
 
 
-def full_attention(ctx: Ctx, args, layer: int, x, grid, shapes: StreamShapes):
-    """`full`: Wan self-attention over the rolling window of chunks."""
-    prefix = f"blocks.{layer}.self_attn"
-    q, k, v = (split_heads(a, args.num_heads) for a in qkv(ctx, args, x, prefix))
-    tables = rope_tables(ctx, args, grid)
-    q, k = apply_rope(ctx, q, tables), apply_rope(ctx, k, tables)
-    out = softmax_with_window(ctx, args, layer, q, k, v, shapes)
-    return linear(ctx, merge_heads(out), prefix + ".o")
-
-
-def stride_attention(ctx: Ctx, args, layer: int, x, grid, shapes: StreamShapes):
-    """`ssa`: pool q, k, v over s x s patches (learned per-channel weights), attend, shuffle back."""
-    prefix = f"blocks.{layer}.self_attn"
-    frames, height, width = grid
-    s = args.ssa_stride
-    hl, wl = height // s, width // s
-    dim = args.dim
-    pooled = []
-    for a, name in zip(qkv(ctx, args, x, prefix), ("down_q", "down_k", "down_v"), strict=True):
-        weight = ctx.weights[f"{prefix}.{name}"].reshape(1, s, 1, s, dim)
-        a = mb.reshape(x=a, shape=[frames * hl, s, wl, s, dim])
-        a = mb.reduce_sum(x=mb.mul(x=a, y=ctx.w(f"{prefix}.{name}", weight)), axes=[1, 3])
-        pooled.append(
-            split_heads(mb.reshape(x=a, shape=[1, frames * hl * wl, dim]), args.num_heads)
-        )
-    q, k, v = pooled
-    tables = rope_tables(ctx, args, (frames, hl, wl))
-    q, k = apply_rope(ctx, q, tables), apply_rope(ctx, k, tables)
-    out = merge_heads(softmax_with_window(ctx, args, layer, q, k, v, shapes))
-    out = mb.reshape(x=out, shape=[frames * hl, 1, wl, 1, dim])
-    up = ctx.weights[f"{prefix}.up"].reshape(1, s, 1, s, dim)
-    out = mb.mul(x=out, y=ctx.w(f"{prefix}.up", up))
-    out = mb.reshape(x=out, shape=[1, frames * height * width, dim])
-    return linear(ctx, out, prefix + ".o")
-
-
 def softplus_features(ctx: Ctx, a, prefix: str, heads: int):
     """phi = softplus(W a + b) per head: [1, N, H*D] -> [1, H, N, F]."""
     n, dim = a.shape[1], a.shape[2]
     a = linear(ctx, mb.reshape(x=a, shape=[1, n * heads, dim // heads]), prefix + ".feature_map")
     a = mb.softplus(x=mb.reshape(x=a, shape=[1, n, heads, -1]))
     return mb.transpose(x=a, perm=[0, 2, 1, 3])
-
-
-def lcha_attention(ctx: Ctx, args, layer: int, x, grid, shapes: StreamShapes):
-    """`lcha`: gated softplus linear attention (running means as state) + causal depthwise conv."""
-    prefix = f"blocks.{layer}.self_attn"
-    frames, height, width = grid
-    n_tok = frames * height * width
-    heads, dim = args.num_heads, args.dim
-    q, k, v = qkv(ctx, args, x, prefix)
-    fq = softplus_features(ctx, q, prefix, heads)
-    fk = softplus_features(ctx, k, prefix, heads)
-    vh = split_heads(v, heads)
-    if args.lcha_rope:
-        tables = rope_tables(ctx, args, grid)
-        rq, rk = apply_rope(ctx, fq, tables), apply_rope(ctx, fk, tables)
-    else:
-        rq, rk = fq, fk
-
-    sc = chunk_scalars(ctx)
-    w_past, w_cur = sc["past"], sc["inv"]
-    if ctx.dtype == "fp16":
-        w_past, w_cur = mb.cast(x=w_past, dtype="fp16"), mb.cast(x=w_cur, dtype="fp16")
-    kv_state, k_state = ctx.states[f"l{layer}_kv_mean"], ctx.states[f"l{layer}_k_mean"]
-    # Chunk means first (O(1) values in fp16), then the running mean over all chunks.
-    kv_chunk = mb.matmul(x=mb.mul(x=rk, y=ctx.c(1.0 / n_tok)), y=vh, transpose_x=True)
-    k_chunk = mb.reduce_mean(x=fk, axes=[2], keep_dims=True)  # [1, H, 1, F]
-    k_chunk = mb.reshape(x=k_chunk, shape=[1, heads, fk.shape[-1], 1])
-    kv_mean = mb.add(
-        x=mb.mul(x=ctx.to_compute(mb.read_state(input=kv_state)), y=w_past),
-        y=mb.mul(x=kv_chunk, y=w_cur),
-    )
-    if ctx.write:
-        mb.coreml_update_state(state=kv_state, value=ctx.to_state(kv_mean))
-    k_mean = mb.add(
-        x=mb.mul(x=ctx.to_compute(mb.read_state(input=k_state)), y=w_past),
-        y=mb.mul(x=k_chunk, y=w_cur),
-    )
-    if ctx.write:
-        mb.coreml_update_state(state=k_state, value=ctx.to_state(k_mean))
-    num = mb.matmul(x=rq, y=kv_mean)
-    eps = mb.mul(x=w_cur, y=ctx.c(args.lcha_eps / n_tok))
-    den = mb.add(x=mb.matmul(x=fq, y=k_mean), y=eps)
-    linear_out = merge_heads(mb.real_div(x=num, y=den))
-
-    kt, kh, kw = args.lcha_conv_kernel
-    v5 = mb.transpose(
-        x=mb.reshape(x=v, shape=[1, frames, height, width, dim]), perm=[0, 4, 1, 2, 3]
-    )
-    if kt > 1:
-        conv_state = ctx.states[f"l{layer}_conv_frames"]
-        past = ctx.to_compute(mb.read_state(input=conv_state))
-        padded = mb.concat(values=[past, v5], axis=2)  # [1, C, kt-1+f, h, w]
-        if ctx.write:
-            last = mb.slice_by_index(
-                x=padded, begin=[0, 0, frames, 0, 0], end=[1, dim, frames + kt - 1, height, width]
-            )
-            mb.coreml_update_state(state=conv_state, value=ctx.to_state(last))
-    else:
-        padded = v5
-    weight = ctx.weights[f"{prefix}.conv_weight"].transpose(0, 4, 1, 2, 3)  # [C, 1, kt, kh, kw]
-    conv = mb.conv(
-        x=padded,
-        weight=ctx.w(f"{prefix}.conv_weight", weight),
-        bias=ctx.w(f"{prefix}.conv_bias"),
-        strides=[1, 1, 1],
-        pad_type="custom",
-        # Like PyTorch 'same' (and our MLX conv): an even kernel's extra zero goes after.
-        pad=[0, 0, (kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2],
-        dilations=[1, 1, 1],
-        groups=dim,
-    )
-    conv = mb.reshape(x=mb.transpose(x=conv, perm=[0, 2, 3, 4, 1]), shape=[1, n_tok, dim])
-    conv = linear(ctx, conv, prefix + ".conv_proj")
-    gate = ctx.weights[f"{prefix}.gate"].astype(np.float64)
-    a = (1.0 / (1.0 + np.exp(-gate))).astype(np.float32)
-    mixed = mb.add(x=mb.mul(x=linear_out, y=ctx.c(a)), y=mb.mul(x=conv, y=ctx.c(1.0 - a)))
-    return linear(ctx, mixed, prefix + ".o")
 
 
 def cross_attention(ctx: Ctx, args, layer: int, x, text):
@@ -429,7 +254,12 @@ def cross_attention(ctx: Ctx, args, layer: int, x, text):
     return linear(ctx, merge_heads(out), prefix + ".o")
 
 
-ATTENTION_EMITTERS = {"full": full_attention, "lcha": lcha_attention, "ssa": stride_attention}
+def coreml_emitter(kind: str):
+    """The MIL emitter of an attention kind; S2DiTError when the kind has none."""
+    emitter = attention_kind(kind).emit_coreml
+    if emitter is None:
+        raise S2DiTError(f"Core ML export does not support block type '{kind}'")
+    return emitter
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,15 +314,13 @@ def text_embedding(ctx: Ctx, context):
 def block(ctx: Ctx, args, layer: int, x, e0, text, grid, shapes: StreamShapes):
     """A Wan block with AdaLN modulation around a swappable self-attention."""
     prefix = f"blocks.{layer}"
-    kind = args.layers[layer]
-    if kind not in ATTENTION_EMITTERS:
-        raise S2DiTError(f"Core ML export does not support block type '{kind}'")
+    emitter = coreml_emitter(args.layers[layer])
     mod = mb.add(x=e0, y=ctx.w(prefix + ".modulation"))  # [1, 6, dim]
     shift1, scale1, gate1, shift2, scale2, gate2 = (
         mb.slice_by_index(x=mod, begin=[0, i, 0], end=[1, i + 1, args.dim]) for i in range(6)
     )
     h = modulate(ctx, x, args.eps, shift1, scale1)
-    y = ATTENTION_EMITTERS[kind](ctx, args, layer, h, grid, shapes)
+    y = emitter(ctx, args, layer, h, grid, shapes)
     x = mb.add(x=x, y=mb.mul(x=y, y=gate1))
     h = layer_norm(ctx, x, args.eps, prefix + ".norm3") if args.cross_attn_norm else x
     x = mb.add(x=x, y=cross_attention(ctx, args, layer, h, text))

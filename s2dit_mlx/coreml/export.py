@@ -1,4 +1,4 @@
-"""Write the Core ML packages and the manifest an app needs (DESIGN.md section 7).
+"""Write the Core ML packages and the manifest an app needs (docs/architecture.md, "Core ML").
 
     DIR/S2DiT.mlpackage        functions `denoise` and `write` sharing one set of weights
     DIR/VAEDecoder.mlpackage   one latent frame -> 4 pixel frames, causal history as state
@@ -24,12 +24,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..attention import attention_kind
 from ..errors import S2DiTError
 from ..fsutil import atomic_dir, check_output_dir
 from ..sampling import FEW_STEP
 from . import emit
 from ._ct import quiet_progress
-from .emit import ATTENTION_EMITTERS, StreamShapes, ct, dit_state_specs
+from .emit import coreml_emitter, ct, dit_state_specs
+from .shapes import StreamShapes
 from .vae import (
     check_vae,
     decoder_programs,
@@ -200,8 +202,7 @@ def check_export(
     """
     args = dit.args
     for kind in args.layers:
-        if kind not in ATTENTION_EMITTERS:
-            raise S2DiTError(f"Core ML export does not support block type '{kind}'")
+        coreml_emitter(kind)  # S2DiTError for a kind without one
     if compress_mode not in COMPRESSIONS:
         raise S2DiTError(
             f"unknown compression {compress_mode!r} (choose {', '.join(COMPRESSIONS)})"
@@ -226,7 +227,7 @@ def check_export(
     frames = args.frames_per_chunk if chunk_frames is None else chunk_frames
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise S2DiTError(f"chunk frames must be a positive integer, got {frames!r}")
-    softmax = any(k in ("full", "ssa") for k in args.layers)
+    softmax = uses_window(args)
     window = args.window if window is None else window
     sink = args.sink if sink is None else sink
     if softmax:
@@ -265,6 +266,11 @@ def check_target(
     """
     inputs = [("model folder", model)]
     return check_output_dir(out_dir, "coreml", inputs=inputs, overwrite=overwrite, flag=flag)
+
+
+def uses_window(args) -> bool:
+    """Whether any layer keeps a window of chunks (a softmax kind), so window and sink apply."""
+    return any(attention_kind(k).softmax for k in args.layers)
 
 
 def export_coreml(
@@ -434,7 +440,7 @@ def build_manifest(
         s.to_dict()
         for s in (vae_state_specs(vae, shapes.latent_height, shapes.latent_width) if vae else [])
     ]
-    softmax = any(k in ("full", "ssa") for k in args.layers)
+    softmax = uses_window(args)
     return {
         "format": "s2dit-coreml",
         "format_version": FORMAT_VERSION,
@@ -469,6 +475,7 @@ def build_manifest(
             "window": shapes.window if softmax else None,
             "sink": shapes.sink if softmax else None,
             "slots": shapes.slots if softmax else 0,
+            "schedule": shapes.schedule.to_dict() if softmax else None,
             "chunk_input": "0-based index of the chunk being generated (RoPE offset, ring slot)",
             "states_start": "zero",
             "lcha_state": "running means over all written tokens (not sums: fp16 safe)",

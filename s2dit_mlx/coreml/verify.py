@@ -1,18 +1,23 @@
 """Drive the MLX model and a saved package through the same streaming loop, and compare them.
 
-Both loops are stream_latent_chunks with the noise given from outside (so the Core ML side, which
-has no MLX random generator, sees the same numbers): per chunk, start from noise[0]; at each t of
-the few-step list predict x0 = x - t/1000 * v and re-noise it to the next t with noise[i + 1];
-then one pass at t=0 over the clean chunk writes it into the state.
+Both sides run generation.stream, the library's one streaming loop, with the noise given from
+outside (GivenNoise: the Core ML side has no MLX random generator) and the few-step sampler on
+the given timesteps: per chunk, start from noise[c][0]; at each t predict x0 = x - t/1000 * v
+and re-noise it to the next t with noise[c][i + 1]; then one pass at t=0 over the clean chunk
+writes it into the state. A saved package takes part through PackageDiT, which calls its
+`denoise` and `write` functions (numpy interpreter) where the MLX model would be called.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from ..generation import GivenNoise, Sampler, stream
 
 PSNR_GATES = {"fp32": 60.0, "fp16": 50.0, "compressed": 35.0}
 
@@ -44,25 +49,74 @@ def pad_context(context: np.ndarray, text_len: int) -> np.ndarray:
     return np.pad(context, [(0, 0), (0, pad), (0, 0)]) if pad else context
 
 
+@dataclass
+class _PackageArgs:
+    frames_per_chunk: int
+    in_dim: int
+
+
+class PackageState:
+    """The fp16 state buffers of a package and the index of the chunk being generated."""
+
+    def __init__(self, buffers: dict[str, np.ndarray]):
+        self.buffers = buffers
+        self.chunk = 0
+
+    def arrays(self) -> list:
+        return []
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+
+class PackageDiT:
+    """A saved streaming DiT package, called like an S2DiT by the generation core (batch 1)."""
+
+    def __init__(self, package, state: dict | None = None):
+        latents = package.program.functions["denoise"].inputs["latents"].shape
+        self.args = _PackageArgs(frames_per_chunk=int(latents[1]), in_dim=int(latents[4]))
+        self.package = package
+        self._buffers = state
+
+    def make_cache(self) -> PackageState:
+        """The given state buffers, or zeroed ones."""
+        buffers = self.package.make_state() if self._buffers is None else self._buffers
+        return PackageState(buffers)
+
+    def __call__(self, x, t, context, cache: PackageState, update_cache: bool = False):
+        inputs = {
+            "latents": np.array(x),
+            "t": np.array(t, np.float32)[:1],
+            "context": np.array(context),
+            "chunk": np.array([cache.chunk], np.int32),
+        }
+        function = "write" if update_cache else "denoise"
+        out = self.package.predict(inputs, cache.buffers, function=function)
+        if update_cache:
+            cache.chunk += 1
+        return mx.array(out["velocity"].astype(np.float32))
+
+
+def _stream(model, context, noise: list[list[np.ndarray]], timesteps) -> Iterator[np.ndarray]:
+    draws = [d for chunk in noise for d in chunk]
+    _, frames, height, width, _ = draws[0].shape
+    chunks = stream(
+        model,
+        mx.array(np.asarray(context, np.float32)),
+        frames * len(noise),
+        (height, width),
+        Sampler.few_step(timesteps),
+        noise=GivenNoise(draws),
+    )
+    for chunk in chunks:
+        yield np.array(chunk.latents)
+
+
 def mlx_stream(
     model, context: np.ndarray, noise: list[list[np.ndarray]], timesteps: list[float]
 ) -> Iterator[np.ndarray]:
     """Clean latent chunks from the MLX model with its own streaming cache."""
-    cache = model.make_cache()
-    ctx = mx.array(context)
-    for chunk_noise in noise:
-        x = mx.array(chunk_noise[0])
-        x0 = x
-        for i, t in enumerate(timesteps):
-            v = model(x, mx.array([t], dtype=mx.float32), ctx, cache=cache)
-            x0 = x - (t / 1000.0) * v
-            if i + 1 < len(timesteps):
-                s = timesteps[i + 1] / 1000.0
-                x = (1.0 - s) * x0 + s * mx.array(chunk_noise[i + 1])
-            mx.eval(x, x0)
-        model(x0, mx.zeros((1,), dtype=mx.float32), ctx, cache=cache, update_cache=True)
-        mx.eval(cache.arrays())
-        yield np.array(x0)
+    return _stream(model, context, noise, timesteps)
 
 
 def package_stream(
@@ -73,25 +127,7 @@ def package_stream(
     state: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """Clean latent chunks from a saved package (numpy interpreter), states carried across calls."""
-    state = package.make_state() if state is None else state
-    for c, chunk_noise in enumerate(noise):
-        chunk = np.array([c], np.int32)
-        x = chunk_noise[0]
-        x0 = x
-        for i, t in enumerate(timesteps):
-            inputs = {
-                "latents": x,
-                "t": np.array([t], np.float32),
-                "context": context,
-                "chunk": chunk,
-            }
-            x0 = package.predict(inputs, state, function="denoise")["x0"].astype(np.float32)
-            if i + 1 < len(timesteps):
-                s = timesteps[i + 1] / 1000.0
-                x = (1.0 - s) * x0 + s * chunk_noise[i + 1]
-        inputs = {"latents": x0, "t": np.zeros(1, np.float32), "context": context, "chunk": chunk}
-        package.predict(inputs, state, function="write")
-        yield x0
+    return _stream(PackageDiT(package, state), context, noise, timesteps)
 
 
 def mlx_vae_stream(vae, latents: list[np.ndarray]) -> Iterator[np.ndarray]:

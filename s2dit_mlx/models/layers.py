@@ -73,19 +73,26 @@ def _attention_cpu_kernels(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Softmax attention on [B, H, L, D] inputs, tiled over queries to bound memory on the CPU."""
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None
+) -> mx.array:
+    """Softmax attention on [B, H, L, D] inputs, tiled over queries to bound memory on the CPU.
+
+    `mask`: an optional boolean [Lk] (True: the key is visible to every query).
+    """
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
-    if cpu_kernels.usable(q):  # (each kernel decides on the sizes it takes)
+    if mask is not None:
+        mask = mask.reshape(1, 1, 1, k_len)
+    if mask is None and cpu_kernels.usable(q):  # (each kernel decides on the sizes it takes)
         out = cpu_kernels.attention(q, k, v, scale)
         if out is None:  # too small for the GEMM, or no AVX-512: the softmax kernel alone
             out = _attention_cpu_kernels(q, k, v, scale, tile)
         if out is not None:
             return out
     if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     # Callers pass transposed views; each tile would copy them again (twice the time at 4680
     # tokens), so make them contiguous once.
     q, k, v = mx.contiguous(q), mx.contiguous(k), mx.contiguous(v)
@@ -95,7 +102,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         if outs:
             # Make each tile wait for the previous one, so only one score matrix is alive.
             q_tile = mx.depends(q_tile, outs[-1])
-        outs.append(mx.fast.scaled_dot_product_attention(q_tile, k, v, scale=scale))
+        outs.append(mx.fast.scaled_dot_product_attention(q_tile, k, v, scale=scale, mask=mask))
     return mx.concatenate(outs, axis=2)
 
 

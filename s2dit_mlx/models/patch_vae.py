@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import ConvHistories, ConvHistory
 from ..errors import S2DiTError
 from ..kernels.cpu import silu
 from ..validate import check_field_types
+from .interfaces import StreamingDecoder
 
 
 @dataclass
@@ -96,20 +98,14 @@ class CausalConv3d(nn.Module):
         self.kt, self.ks = kt, ks
         self.conv = nn.Conv3d(in_dim, out_dim, (kt, ks, ks))
 
-    def initial_state(self, x: mx.array) -> mx.array:
-        """The history before the first frame: kt - 1 zero frames (causal zero padding)."""
-        b, _, h, w, c = x.shape
-        return mx.zeros((b, self.kt - 1, h, w, c), dtype=x.dtype)
-
-    def __call__(self, x: mx.array, history: mx.array | None = None):
-        """Convolve x [B, T, h, w, C] given the previous kt-1 input frames; return (y, history)."""
-        if history is None:
-            history = self.initial_state(x)
-        x = mx.concatenate([history, x], axis=1) if self.kt > 1 else x
-        new_history = x[:, x.shape[1] - (self.kt - 1) :] if self.kt > 1 else history
+    def __call__(self, x: mx.array, history: ConvHistory | None = None) -> mx.array:
+        """Convolve x [B, T, h, w, C] after the previous kt - 1 input frames (`history`, updated;
+        None: zeros before the first frame)."""
+        history = history if history is not None else ConvHistory(self.kt - 1)
+        x = history.prepend(x)
+        history.update(x)
         p = self.ks // 2
-        y = self.conv(mx.pad(x, [(0, 0), (0, 0), (p, p), (p, p), (0, 0)]))
-        return y, new_history
+        return self.conv(mx.pad(x, [(0, 0), (0, 0), (p, p), (p, p), (0, 0)]))
 
 
 class MLPBlock(nn.Module):
@@ -140,8 +136,7 @@ class Encoder(nn.Module):
         h = silu(self.patch_in(patches), fresh=True)
         for block in self.blocks:
             h = block(h)
-        y, _ = self.conv(h)
-        return y
+        return self.conv(h)
 
 
 class Decoder(nn.Module):
@@ -154,52 +149,28 @@ class Decoder(nn.Module):
         self.blocks = [MLPBlock(cfg.hidden_dim) for _ in range(cfg.mlp_blocks)]
         self.patch_out = nn.Linear(cfg.hidden_dim, patch)
 
-    def __call__(self, z: mx.array, history: mx.array | None = None):
-        h, history = self.conv(z, history)
-        h = silu(h)
+    def __call__(self, z: mx.array, histories: ConvHistories | None = None) -> mx.array:
+        history = histories.of(self.conv, self.conv.kt - 1) if histories is not None else None
+        h = silu(self.conv(z, history))
         for block in self.blocks:
             h = block(h)
-        return self.patch_out(h), history
+        return self.patch_out(h)
 
 
-class StreamingDecoder:
-    """Decodes latent chunks one after another, keeping the causal conv's history.
+class PatchStreamingDecoder(StreamingDecoder):
+    """The patch VAE's streaming decode: one latent frame at a time.
 
-    The first latent frame it ever sees gives 1 pixel frame, each later one gives 4.
+    Every frame is computed by the same ops on the same shapes however the sequence is
+    chunked, so a streamed decode is bit-identical to a one-shot decode.
     """
 
-    def __init__(self, vae: PatchVAE):
-        self.vae = vae
-        self.history: mx.array | None = None
-        self.frames_in = 0  # latent frames decoded so far
-
-    def reset(self) -> None:
-        """Forget the past: the next chunk starts a new video."""
-        self.history = None
-        self.frames_in = 0
-
-    def decode(self, z: mx.array) -> mx.array:
-        """Decode latents [B, f, h, w, z_dim] -> frames [B, F, H, W, 3] in [-1, 1]."""
+    def decode_step(self, z: mx.array, first: bool) -> mx.array:
         vae = self.vae
-        vae.check_latents(z)
-        if z.shape[1] == 0:
-            b, _, h, w, _ = z.shape
-            sf = vae.spatial_factor
-            return mx.zeros((b, 0, h * sf, w * sf, 3), dtype=z.dtype)
-        # One latent frame at a time (as Wan's VAE decodes): every frame is computed by the
-        # same ops on the same shapes however the sequence is chunked, so a streamed decode is
-        # bit-identical to a one-shot decode.
         z = vae.denormalize(z)
-        outs = []
-        for i in range(z.shape[1]):
-            patches, self.history = vae.decoder_module(z[:, i : i + 1], self.history)
-            outs.append(patches)
+        outs = [vae.decoder_module(z[:, i : i + 1], self.histories) for i in range(z.shape[1])]
         frames = vae.unpatchify(mx.concatenate(outs, axis=1))
-        if self.frames_in == 0:
-            # Group 0 stands for the first pixel frame only: keep its last decoded frame.
-            frames = frames[:, vae.temporal_factor - 1 :]
-        self.frames_in += z.shape[1]
-        return mx.clip(frames, -1.0, 1.0)
+        # Group 0 stands for the first pixel frame only: keep its last decoded frame.
+        return frames[:, vae.temporal_factor - 1 :] if first else frames
 
 
 class PatchVAE(nn.Module):
@@ -284,9 +255,9 @@ class PatchVAE(nn.Module):
             )
         return self.normalize(self.encoder(self.patchify(video)))
 
-    def decoder(self) -> StreamingDecoder:
+    def decoder(self) -> PatchStreamingDecoder:
         """A fresh streaming decoder (its own causal state)."""
-        return StreamingDecoder(self)
+        return PatchStreamingDecoder(self)
 
     def decode(self, z: mx.array) -> mx.array:
         """Decode a whole latent sequence at once -> frames [B, 1+4(f-1), H, W, 3] in [-1, 1]."""

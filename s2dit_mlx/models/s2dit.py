@@ -1,9 +1,8 @@
 """S2DiT: a Wan-style diffusion transformer whose self-attention is chosen per layer.
 
-Block types (DESIGN.md section 2):
-- `full`: softmax attention with 3D RoPE and QK RMSNorm (the Wan teacher's attention);
-- `lcha`: LinConv Hybrid Attention, softplus linear attention plus a causal depthwise 3D conv;
-- `ssa`: Stride Self-Attention, softmax attention on a stride-s downsampled token grid.
+Block types come from the attention registry (s2dit_mlx/attention/): `full` (the Wan
+teacher's softmax attention), `lcha` (LinConv Hybrid Attention) and `ssa` (Stride
+Self-Attention), or any kind registered there.
 
 Parameter names follow Wan's original checkpoint layout wherever Wan has the parameter,
 so a student can be initialised from a teacher by name.
@@ -18,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..attention import TokenLayout, attention_kind
+from ..cache import StreamCache
 from ..errors import S2DiTError
-from ..streaming import KVWindow, LinearState, StreamCache, visible_chunks
 from ..validate import check_field_types
-from .layers import GeluTanh, Linear, apply_rope, attention, rope_table
-
-BLOCK_TYPES = ("full", "lcha", "ssa")
+from .layers import GeluTanh, Linear, attention
 
 
 @dataclass
@@ -50,7 +48,7 @@ class ModelArgs:
     frames_per_chunk: int = 3
     window: int | None = None
     sink: int = 0
-    # LCHA (INFERRED choices, DESIGN.md section 2):
+    # LCHA (choices the paper leaves open; docs/architecture.md, "LCHA"):
     # feature map phi(x) = softplus(W x + b) on QK-normed q and k, per head, W shared by q and k;
     lcha_feature_dim: int | None = None  # None: head_dim (needed for RoPE on phi)
     # RoPE rotates phi(q), phi(k) in the numerator only, so the denominator stays positive;
@@ -92,11 +90,8 @@ class ModelArgs:
     def validate(self) -> None:
         """Raise S2DiTError naming the first inconsistent field."""
         check_field_types(self, "dit config")
-        unknown = [b for b in self.layers if b not in BLOCK_TYPES]
-        if unknown:
-            raise S2DiTError(
-                f"unknown block type '{unknown[0]}' in layers (known: {', '.join(BLOCK_TYPES)})"
-            )
+        for kind in self.layers:
+            attention_kind(kind)  # S2DiTError naming the known kinds
         if not self.layers:
             raise S2DiTError("layers is empty: the model needs at least one block")
         if self.dim % self.num_heads or self.head_dim % 2:
@@ -115,9 +110,24 @@ class ModelArgs:
             raise S2DiTError("patch_size must be (1, ph, pw)")
 
     def spatial_multiple(self) -> int:
-        """Latent height/width must be multiples of this."""
-        stride = self.ssa_stride if "ssa" in self.layers else 1
-        return max(self.patch_size[1], self.patch_size[2]) * stride
+        """Latent height/width must be multiples of this: patch x the kinds' token strides."""
+        return max(self.patch_size[1], self.patch_size[2]) * self.token_stride()
+
+    def token_stride(self) -> int:
+        """Token height/width must be multiples of this (e.g. the SSA stride)."""
+        stride = 1
+        for kind in set(self.layers):
+            stride = math.lcm(stride, attention_kind(kind).spatial_stride(self))
+        return stride
+
+    def spatial_reasons(self) -> list[str]:
+        """What makes up spatial_multiple, for messages: ["patch 2", "SSA stride 2"]."""
+        reasons = [f"patch {max(self.patch_size[1], self.patch_size[2])}"]
+        for kind in dict.fromkeys(self.layers):
+            reason = attention_kind(kind).spatial_reason(self)
+            if reason:
+                reasons.append(reason)
+        return reasons
 
 
 def sinusoidal_embedding(t: mx.array, dim: int) -> mx.array:
@@ -131,231 +141,6 @@ def sinusoidal_embedding(t: mx.array, dim: int) -> mx.array:
 def layer_norm(x: mx.array, eps: float) -> mx.array:
     """LayerNorm without affine parameters, computed in float32."""
     return mx.fast.layer_norm(x.astype(mx.float32), None, None, eps)
-
-
-@dataclass
-class TokenLayout:
-    """Where the tokens of one call sit: grid, frame offset, chunking and the layer's cache."""
-
-    grid: tuple[int, int, int]  # (frames, height, width) in tokens
-    frame_offset: int
-    chunk_frames: int | None  # block-causal chunking of a no-cache call; None: bidirectional
-    cache: object | None = None
-    update_cache: bool = False
-
-
-class SoftmaxCore(nn.Module):
-    """Softmax attention over [B, N, H, D] tokens on a grid: RoPE, chunks, rolling cache."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-
-    def __call__(self, q: mx.array, k: mx.array, v: mx.array, layout: TokenLayout) -> mx.array:
-        args = self.args
-        cos, sin = rope_table(args.head_dim, layout.grid, layout.frame_offset, args.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, N, D]
-        scale = 1.0 / math.sqrt(args.head_dim)
-        cache: KVWindow | None = layout.cache
-        if cache is not None:
-            keys, values = cache.with_current(k, v)
-            out = attention(q, keys, values, scale)
-            if layout.update_cache:
-                cache.write(k, v)
-        elif layout.chunk_frames is None:
-            out = attention(q, k, v, scale)
-        else:
-            out = self._block_causal(q, k, v, scale, layout)
-        return out.transpose(0, 2, 1, 3)
-
-    def _block_causal(self, q, k, v, scale, layout: TokenLayout) -> mx.array:
-        frames, height, width = layout.grid
-        per_chunk = layout.chunk_frames * height * width
-        n_chunks = -(-frames // layout.chunk_frames)
-        outs = []
-        for c in range(n_chunks):
-            # Visible chunks form at most two contiguous runs (sinks, recent window).
-            idx = visible_chunks(c, self.args.window, self.args.sink)
-            keys = mx.concatenate([k[:, :, j * per_chunk : (j + 1) * per_chunk] for j in idx], 2)
-            vals = mx.concatenate([v[:, :, j * per_chunk : (j + 1) * per_chunk] for j in idx], 2)
-            outs.append(attention(q[:, :, c * per_chunk : (c + 1) * per_chunk], keys, vals, scale))
-        return mx.concatenate(outs, axis=2)
-
-
-class FullAttention(nn.Module):
-    """Wan self-attention: q, k, v, o projections, RMSNorm on q and k, 3D RoPE."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim = args.dim
-        self.num_heads = args.num_heads
-        self.q = Linear(dim, dim)
-        self.k = Linear(dim, dim)
-        self.v = Linear(dim, dim)
-        self.o = Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=args.eps)
-        self.norm_k = nn.RMSNorm(dim, eps=args.eps)
-        self.core = SoftmaxCore(args)
-
-    def qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Projected, normed q, k and v as [B, N, dim]."""
-        return self.norm_q(self.q(x)), self.norm_k(self.k(x)), self.v(x)
-
-    def heads(self, a: mx.array) -> mx.array:
-        return a.reshape(*a.shape[:2], self.num_heads, -1)
-
-    def __call__(self, x: mx.array, layout: TokenLayout) -> mx.array:
-        q, k, v = (self.heads(a) for a in self.qkv(x))
-        out = self.core(q, k, v, layout)
-        return self.o(out.reshape(x.shape))
-
-
-class StrideSelfAttention(FullAttention):
-    """SSA: softmax attention on tokens pooled over s x s patches, then shuffled back."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        s2 = args.ssa_stride**2
-        self.stride = args.ssa_stride
-        # Depthwise mixing of the s*s positions of each patch (mean pooling / copy at init).
-        self.down_q = mx.full((s2, args.dim), 1.0 / s2)
-        self.down_k = mx.full((s2, args.dim), 1.0 / s2)
-        self.down_v = mx.full((s2, args.dim), 1.0 / s2)
-        self.up = mx.ones((s2, args.dim))
-
-    def _unshuffle(self, a: mx.array, grid: tuple[int, int, int]) -> mx.array:
-        frames, height, width = grid
-        s = self.stride
-        a = a.reshape(a.shape[0], frames, height // s, s, width // s, s, a.shape[-1])
-        a = a.transpose(0, 1, 2, 4, 3, 5, 6)
-        return a.reshape(a.shape[0], frames, height // s, width // s, s * s, a.shape[-1])
-
-    def __call__(self, x: mx.array, layout: TokenLayout) -> mx.array:
-        frames, height, width = layout.grid
-        s = self.stride
-        low_grid = (frames, height // s, width // s)
-        pooled = [
-            (self._unshuffle(a, layout.grid) * w).sum(axis=-2).reshape(x.shape[0], -1, x.shape[-1])
-            for a, w in zip(self.qkv(x), (self.down_q, self.down_k, self.down_v), strict=True)
-        ]
-        low = TokenLayout(
-            low_grid, layout.frame_offset, layout.chunk_frames, layout.cache, layout.update_cache
-        )
-        out = self.core(*(self.heads(a) for a in pooled), low)  # [B, n, H, D]
-        out = out.reshape(x.shape[0], frames, height // s, width // s, 1, x.shape[-1]) * self.up
-        out = out.reshape(x.shape[0], frames, height // s, width // s, s, s, x.shape[-1])
-        out = out.transpose(0, 1, 2, 4, 3, 5, 6).reshape(x.shape)
-        return self.o(out)
-
-
-def softplus(x: mx.array) -> mx.array:
-    """log(1 + e^x), in the stable form that is ~30% faster than nn.softplus on the CPU."""
-    return mx.maximum(x, 0) + mx.log1p(mx.exp(-mx.abs(x)))
-
-
-@mx.compile
-def depthwise_causal_conv3d(padded: mx.array, weight: mx.array) -> mx.array:
-    """Depthwise 3D conv as a sum of shifted taps, fused by mx.compile (no grouped conv3d in MLX).
-
-    padded: [B, T + kt - 1, h, w, C], already holding the kt - 1 past frames; weight: [C, kt, kh, kw].
-    Zero 'same' padding in h and w. The fused sum is ~3.5x faster than grouped conv2d per tap on CPU.
-    """
-    _, kt, kh, kw = weight.shape
-    frames = padded.shape[1] - kt + 1
-    height, width = padded.shape[2:4]
-    # Like PyTorch padding='same': an even kernel's extra zero goes after (bottom/right).
-    pad_h, pad_w = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
-    padded = mx.pad(padded, [(0, 0), (0, 0), pad_h, pad_w, (0, 0)])
-    out = None
-    for a in range(kt):
-        for b in range(kh):
-            for c in range(kw):
-                tap = padded[:, a : a + frames, b : b + height, c : c + width] * weight[:, a, b, c]
-                out = tap if out is None else out + tap
-    return out
-
-
-class LinConvAttention(FullAttention):
-    """LCHA: gated sum of softplus linear attention and a causal depthwise 3D conv on v."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        self.args = args
-        feature_dim = args.lcha_feature_dim or args.head_dim
-        kt, kh, kw = args.lcha_conv_kernel
-        self.feature_map = Linear(args.head_dim, feature_dim)
-        # Depthwise kernel in MLX conv layout (O, D, H, W, I) with I = 1.
-        scale = 1.0 / math.sqrt(kt * kh * kw)
-        self.conv_weight = mx.random.uniform(-scale, scale, (args.dim, kt, kh, kw, 1))
-        self.conv_bias = mx.zeros((args.dim,))
-        self.conv_proj = Linear(args.dim, args.dim)
-        self.gate = mx.zeros((args.dim,))
-
-    def _linear_path(self, q: mx.array, k: mx.array, v: mx.array, layout: TokenLayout):
-        args = self.args
-        fq = softplus(self.feature_map(q).astype(mx.float32))  # [B, N, H, F]
-        fk = softplus(self.feature_map(k).astype(mx.float32))
-        v = v.astype(mx.float32)
-        if args.lcha_rope:
-            cos, sin = rope_table(args.head_dim, layout.grid, layout.frame_offset, args.rope_theta)
-            rq, rk = apply_rope(fq, cos, sin), apply_rope(fk, cos, sin)
-        else:
-            rq, rk = fq, fk
-        fq, fk, rq, rk, v = (a.transpose(0, 2, 1, 3) for a in (fq, fk, rq, rk, v))  # [B,H,N,*]
-        state: LinearState | None = layout.cache
-        frames, height, width = layout.grid
-        if layout.chunk_frames is None or state is not None:
-            kv = rk.swapaxes(-1, -2) @ v  # [B, H, F, D]
-            k_sum = fk.sum(axis=2)  # [B, H, F]
-            if state is not None and state.kv is not None:
-                num = rq @ (state.kv + kv)
-                den = fq @ (state.k_sum + k_sum)[..., None]
-            else:
-                num = rq @ kv
-                den = fq @ k_sum[..., None]
-            out = num / (den + args.lcha_eps)
-            return out, (kv, k_sum)
-        # Block-causal: each chunk sees the running sums up to and including itself.
-        per_chunk = layout.chunk_frames * height * width
-        outs, kv_run, k_run = [], None, None
-        for start in range(0, frames * height * width, per_chunk):
-            sl = slice(start, start + per_chunk)
-            kv = rk[:, :, sl].swapaxes(-1, -2) @ v[:, :, sl]
-            k_sum = fk[:, :, sl].sum(axis=2)
-            kv_run = kv if kv_run is None else kv_run + kv
-            k_run = k_sum if k_run is None else k_run + k_sum
-            den = fq[:, :, sl] @ k_run[..., None]
-            outs.append((rq[:, :, sl] @ kv_run) / (den + args.lcha_eps))
-        return mx.concatenate(outs, axis=2), None
-
-    def _conv_path(self, v: mx.array, layout: TokenLayout) -> tuple[mx.array, mx.array]:
-        """Causal depthwise conv3d of v [B, T, h, w, C]; returns output and the padded input."""
-        kt = self.args.lcha_conv_kernel[0]
-        batch, _, height, width, channels = v.shape
-        state: LinearState | None = layout.cache
-        if kt > 1:
-            if state is not None and state.conv_frames is not None:
-                past = state.conv_frames.astype(v.dtype)
-            else:
-                past = mx.zeros((batch, kt - 1, height, width, channels), dtype=v.dtype)
-            padded = mx.concatenate([past, v], axis=1)
-        else:
-            padded = v
-        weight = self.conv_weight[..., 0].astype(v.dtype)
-        return depthwise_causal_conv3d(padded, weight) + self.conv_bias.astype(v.dtype), padded
-
-    def __call__(self, x: mx.array, layout: TokenLayout) -> mx.array:
-        q, k, v = self.qkv(x)
-        linear, sums = self._linear_path(self.heads(q), self.heads(k), self.heads(v), layout)
-        linear = linear.transpose(0, 2, 1, 3).reshape(x.shape)
-        conv, padded = self._conv_path(v.reshape(x.shape[0], *layout.grid, -1), layout)
-        conv = self.conv_proj(conv.reshape(x.shape))
-        if layout.cache is not None and layout.update_cache:
-            kt = self.args.lcha_conv_kernel[0]
-            layout.cache.write(*sums, padded[:, padded.shape[1] - (kt - 1) :])
-        a = mx.sigmoid(self.gate.astype(mx.float32))
-        return self.o((a * linear + (1 - a) * conv.astype(mx.float32)).astype(x.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -382,9 +167,6 @@ class CrossAttention(nn.Module):
         return self.o(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
-ATTENTION_CLASSES = {"full": FullAttention, "lcha": LinConvAttention, "ssa": StrideSelfAttention}
-
-
 class Block(nn.Module):
     """Wan block with a swappable self-attention and AdaLN modulation."""
 
@@ -392,7 +174,7 @@ class Block(nn.Module):
         super().__init__()
         self.block_type = block_type
         self.eps = args.eps
-        self.self_attn = ATTENTION_CLASSES[block_type](args)
+        self.self_attn = attention_kind(block_type).module(args)
         self.norm3 = nn.LayerNorm(args.dim, eps=args.eps) if args.cross_attn_norm else None
         self.cross_attn = CrossAttention(args)
         self.ffn = [Linear(args.dim, args.ffn_dim), GeluTanh()]
@@ -468,14 +250,8 @@ class S2DiT(nn.Module):
         self.head = Head(args)
 
     def make_cache(self) -> StreamCache:
-        """Fresh streaming state: a KV window per softmax layer, a recurrent state per LCHA layer."""
-        args = self.args
-        return StreamCache(
-            [
-                LinearState() if b == "lcha" else KVWindow(args.window, args.sink)
-                for b in args.layers
-            ]
-        )
+        """Fresh streaming state: each layer's cache, as its attention kind makes it."""
+        return StreamCache([attention_kind(b).make_cache(self.args) for b in self.args.layers])
 
     def embed_text(self, context: mx.array) -> mx.array:
         """Zero-pad (or trim) the text to text_len tokens, then embed, as Wan does."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import CacheGroup
 from ..errors import S2DiTError
 from ..sampling import WAN_NEGATIVE_PROMPT
 from .s2dit import ModelArgs, S2DiT
@@ -379,9 +380,36 @@ class WanExperts(nn.Module):
             return self.high_noise, self.guidance_high
         return self.low_noise, self.guidance_low
 
-    def __call__(self, x: mx.array, t: mx.array, context: mx.array, **kwargs) -> mx.array:
-        """Flow velocity from the expert that owns timestep t."""
-        return self.select(t)[0](x, t, context, **kwargs)
+    def make_cache(self) -> CacheGroup:
+        """Streaming state: each expert keeps its own caches (their keys differ)."""
+        return CacheGroup(
+            {"high_noise": self.high_noise.make_cache(), "low_noise": self.low_noise.make_cache()}
+        )
+
+    def __call__(
+        self,
+        x: mx.array,
+        t: mx.array,
+        context: mx.array,
+        cache: CacheGroup | None = None,
+        update_cache: bool = False,
+        **kwargs,
+    ) -> mx.array:
+        """Flow velocity from the expert that owns timestep t.
+
+        With a cache, a writing pass (the clean chunk at t = 0) runs both experts, so the
+        high-noise expert's caches hold every clean chunk too.
+        """
+        expert = self.select(t)[0]
+        if cache is None:
+            return expert(x, t, context, **kwargs)
+        out = None
+        for name in ("high_noise", "low_noise"):
+            module = getattr(self, name)
+            if module is expert or update_cache:
+                v = module(x, t, context, cache=cache[name], update_cache=update_cache, **kwargs)
+                out = v if module is expert else out
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cache import ConvHistories, ConvHistory
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import silu
 from ..validate import check_field_types
+from .interfaces import StreamingDecoder
 from .layers import attention
 
 # Published latent statistics (per channel): latents are stored as (z - mean) / std.
@@ -295,26 +297,23 @@ class CausalConv3d(nn.Conv3d):
         kt, kh, kw = self.weight.shape[1:4]
         self.kt, self.ph, self.pw = kt, kh // 2, kw // 2
 
-    def __call__(self, x: mx.array, cache: dict | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories | None = None) -> mx.array:
         if self.weight.shape[1:4] == (1, 1, 1):
             return _pointwise(x, self.weight, self.bias)
         keep = self.kt - 1
-        hist = cache.get(id(self)) if cache is not None and keep else None
+        history = cache.of(self, keep) if cache is not None and keep else None
+        past = history.history if history is not None else None
         # The CPU kernels' direct convolution reads the history and the padding in place.
         out = cpu_kernels.conv3d(
-            x, self.weight, self.bias, hist, causal=keep > 0, padding=(self.ph, self.pw)
+            x, self.weight, self.bias, past, causal=keep > 0, padding=(self.ph, self.pw)
         )
         if keep:
             # MLX's conv needs x after its history (zeros before the video starts); the
             # kernel only when x is too short to leave a whole history behind.
             if out is None or x.shape[1] < keep:
-                if hist is None:
-                    b, _, h, w, c = x.shape
-                    hist = mx.zeros((b, keep, h, w, c), dtype=x.dtype)
-                x = mx.concatenate([hist, x], axis=1)
-            if cache is not None:
-                # A copy, so the cache does not pin this call's whole input.
-                cache[id(self)] = mx.contiguous(x[:, x.shape[1] - keep :])
+                x = (history or ConvHistory(keep)).prepend(x)
+            if history is not None:
+                history.update(x)
         if out is not None:
             return out
         if self.ph or self.pw:
@@ -345,7 +344,7 @@ class ResidualBlock(nn.Module):
         if in_dim != out_dim:
             self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1)
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         h = self.conv_shortcut(x) if "conv_shortcut" in self else x
         x = self.conv1(silu(self.norm1(x), fresh=True), cache)
         x = self.conv2(silu(self.norm2(x), fresh=True), cache)
@@ -363,7 +362,9 @@ class AttentionBlock(nn.Module):
         # Wan zero-inits the output projection: a fresh block starts as the identity.
         self.proj.weight = mx.zeros_like(self.proj.weight)
 
-    def __call__(self, x: mx.array, cache: dict | None = None, first: bool = False) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: ConvHistories | None = None, first: bool = False
+    ) -> mx.array:
         b, t, h, w, c = x.shape
         n, length = b * t, h * w
         qkv = _pointwise(
@@ -434,12 +435,12 @@ class Resample(nn.Module):
         pads = [(0, 0), (0, 1), (0, 1), (0, 0)]
         return _frames_apply(x, lambda f: _conv(mx.pad(f, pads), conv.weight, 2) + conv.bias)
 
-    def _time_up(self, x: mx.array, cache: dict) -> mx.array:
+    def _time_up(self, x: mx.array, cache: ConvHistories) -> mx.array:
         b, t, h, w, c = x.shape
         y = self.time_conv(x, cache).reshape(b, t, h, w, 2, c)
         return y.transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         if self.mode.startswith("upsample"):
             if self.mode == "upsample3d":
                 if not first:
@@ -452,7 +453,7 @@ class Resample(nn.Module):
 
         x = self._spatial(x)
         if self.mode == "downsample3d":
-            key, tc = id(self), self.time_conv
+            tc, history = self.time_conv, cache.of(self, 1)
             if first:
                 # The first frame passes; later frames pair up with stride 2 over
                 # [previous frame, f0, f1, ...], which a chunked run reproduces exactly.
@@ -460,8 +461,8 @@ class Resample(nn.Module):
                 if x.shape[1] > 1:
                     y = mx.concatenate([y, _conv(x, tc.weight, (2, 1, 1)) + tc.bias], axis=1)
             else:
-                y = _conv(mx.concatenate([cache[key], x], axis=1), tc.weight, (2, 1, 1)) + tc.bias
-            cache[key] = mx.contiguous(x[:, -1:])
+                y = _conv(history.prepend(x), tc.weight, (2, 1, 1)) + tc.bias
+            history.update(x)
             x = y
         return x
 
@@ -496,7 +497,7 @@ class MidBlock(nn.Module):
         self.resnets = [ResidualBlock(dim, dim), ResidualBlock(dim, dim)]
         self.attentions = [AttentionBlock(dim)]
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         x = self.resnets[0](x, cache)
         return self.resnets[1](self.attentions[0](x), cache)
 
@@ -512,7 +513,7 @@ class ResidualDownBlock(nn.Module):
         if down:
             self.downsampler = Resample(out_dim, "downsample3d" if temporal else "downsample2d")
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         skip = _avg_down(x, self.out_dim, self.ft, self.fs)
         for resnet in self.resnets:
             x = resnet(x, cache)
@@ -530,7 +531,7 @@ class UpBlock(nn.Module):
         if mode is not None:
             self.upsamplers = [Resample(out_dim, mode)]
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         for resnet in self.resnets:
             x = resnet(x, cache)
         if "upsamplers" in self:
@@ -549,7 +550,7 @@ class ResidualUpBlock(nn.Module):
             mode = "upsample3d" if temporal else "upsample2d"
             self.upsampler = Resample(out_dim, mode, out_dim=out_dim)
 
-    def __call__(self, x: mx.array, cache: dict, first: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         if "upsampler" not in self:
             for resnet in self.resnets:
                 x = resnet(x, cache)
@@ -587,7 +588,7 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3)
 
-    def __call__(self, x: mx.array, cache: dict, first: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool) -> mx.array:
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache, first)
@@ -619,7 +620,7 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.io_channels, 3)
 
-    def __call__(self, x: mx.array, cache: dict, first: bool) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvHistories, first: bool) -> mx.array:
         x = self.conv_in(x, cache)
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
@@ -682,7 +683,9 @@ class _Tiling:
             weights.append(mx.array(norm[None, None, :, :, None].astype(np.float32)))
         return cls(tiles, weights, scale)
 
-    def run(self, x: mx.array, net: nn.Module, caches: list[dict], first: bool) -> mx.array:
+    def run(
+        self, x: mx.array, net: nn.Module, caches: list[ConvHistories], first: bool
+    ) -> mx.array:
         """Run net(tile, cache, first) on every tile of x [B, T, H, W, C]; blend the outputs.
 
         Each tile is evaluated before the next starts (MLX's CPU backend allocates a whole
@@ -697,7 +700,7 @@ class _Tiling:
                 out = mx.zeros((b, t, h, w, c), dtype=y.dtype)
             oy, ox = round(y0 * self.scale), round(x0 * self.scale)
             out[:, :, oy : oy + y.shape[2], ox : ox + y.shape[3]] += y * self.weights[k]
-            mx.eval(out, list(caches[k].values()))
+            mx.eval(out, caches[k].arrays())
         return out
 
 
@@ -705,57 +708,41 @@ class _Tiling:
 # The VAE
 
 
-class WanStreamingDecoder:
-    """Decodes latent chunks one after another, keeping every causal conv's cache.
+class WanStreamingDecoder(StreamingDecoder):
+    """The Wan VAE's streaming decode, `frames_per_pass` latent frames per decoder pass.
 
     The first latent frame it ever sees gives 1 pixel frame, each later one gives 4.
     """
 
     def __init__(self, vae: WanVAE, frames_per_pass: int = 1):
-        self.vae = vae
         self.frames_per_pass = frames_per_pass
-        self.reset()
+        super().__init__(vae)
 
     def reset(self) -> None:
         """Forget the past: the next chunk starts a new video."""
-        self.caches: list[dict] | None = None
+        super().reset()
         self.tiling: _Tiling | None = None
-        self.shape: tuple[int, int, int] | None = None  # (batch, h, w) of this video
-        self.frames_in = 0  # latent frames decoded so far
+        self.tile_histories: list[ConvHistories] | None = None
 
-    def decode(self, z: mx.array, clip: bool = True) -> mx.array:
-        """Decode normalised latents [B, f, h, w, z_dim] -> frames [B, F, H, W, 3] in [-1, 1]."""
+    def decode_step(self, z: mx.array, first: bool) -> mx.array:
         vae = self.vae
-        vae.check_latents(z)
-        b, f, h, w, _ = z.shape
-        sf = vae.spatial_factor
-        if f == 0:
-            return mx.zeros((b, 0, h * sf, w * sf, 3), dtype=mx.float32)
-        if self.caches is None:
-            self.shape = (b, h, w)
-            self.tiling = vae._decode_tiling(h, w)
-            self.caches = [{} for _ in (self.tiling.tiles if self.tiling else [0])]
-        elif (b, h, w) != self.shape:
-            raise S2DiTError(
-                f"Wan VAE streaming decoder: chunk of batch {b} at {h}x{w} latents follows "
-                f"batch {self.shape[0]} at {self.shape[1]}x{self.shape[2]}; call reset() first"
-            )
+        if self.tile_histories is None:
+            self.tiling = vae._decode_tiling(z.shape[2], z.shape[3])
+            tiles = self.tiling.tiles if self.tiling else []
+            self.tile_histories = [ConvHistories() for _ in tiles] or [self.histories]
         x = vae.post_quant_conv(vae.denormalize(z).astype(vae.dtype))
         outs = []
-        for i in range(0, f, self.frames_per_pass):
-            first = self.frames_in == 0
+        for i in range(0, z.shape[1], self.frames_per_pass):
             step = x[:, i : i + self.frames_per_pass]
+            starts = first and i == 0
             if self.tiling is None:
-                y = vae.decoder_module(step, self.caches[0], first)
+                y = vae.decoder_module(step, self.histories, starts)
             else:
-                y = self.tiling.run(step, vae.decoder_module, self.caches, first)
+                y = self.tiling.run(step, vae.decoder_module, self.tile_histories, starts)
             # Evaluate per pass: keeps the graph (and memory) bounded and the caches concrete.
-            mx.eval(y, [c for cache in self.caches for c in cache.values()])
+            mx.eval(y, [h.arrays() for h in self.tile_histories])
             outs.append(y)
-            self.frames_in += step.shape[1]
-        frames = vae.unpatchify(mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
-        frames = frames.astype(mx.float32)
-        return mx.clip(frames, -1.0, 1.0) if clip else frames
+        return vae.unpatchify(mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
 
 
 # Convs that read SiLU(RMSNorm(x)); every other conv reads the linear residual stream.
@@ -937,7 +924,7 @@ class WanVAE(nn.Module):
             step = self.temporal_factor * max(1, int(frames_per_pass))
             spans = [(0, 1)] + [(a, min(a + step, f)) for a in range(1, f, step)]
         tiling = self._encode_tiling(x.shape[2], x.shape[3])
-        caches = [{} for _ in (tiling.tiles if tiling else [0])]
+        caches = [ConvHistories() for _ in (tiling.tiles if tiling else [0])]
         outs = []
         for a, b in spans:
             first = a == 0
@@ -946,7 +933,7 @@ class WanVAE(nn.Module):
             else:
                 y = tiling.run(x[:, a:b], self.encoder, caches, first)
             if frames_per_pass is not None:
-                mx.eval(y, [c for cache in caches for c in cache.values()])
+                mx.eval(y, [cache.arrays() for cache in caches])
             outs.append(y)
         h = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
         h = self.quant_conv(h)
@@ -970,7 +957,7 @@ class WanVAE(nn.Module):
         """One differentiable pass over all latent frames (training); unclipped frames."""
         self.check_latents(z)
         x = self.post_quant_conv(self.denormalize(z).astype(self.dtype))
-        return self.unpatchify(self.decoder_module(x, {}, True))
+        return self.unpatchify(self.decoder_module(x, ConvHistories(), True))
 
     def __call__(self, video: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Reconstruct video (training): returns (frames, mean, log-variance), one pass each."""

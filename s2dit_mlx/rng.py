@@ -23,6 +23,10 @@ STREAMS = {
     "init": 0x696E6974,
     "crop-x": 0x63726F7078,
     "crop-y": 0x63726F7079,
+    # distillation (train/dmd.py): rollout exits, DMD and critic noise levels
+    "exit": 0x65786974,
+    "dmd": 0x646D64,
+    "critic": 0x637269746963,
 }
 
 

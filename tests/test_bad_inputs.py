@@ -261,7 +261,12 @@ BAD_INPUTS = [
     ("convert-src-file", CONVERT, ["{file}", "--out", "{out}"], "is a file"),
     ("convert-not-wan", CONVERT, ["{model}", "--out", "{out}"], "is not a Wan checkpoint"),
     ("convert-no-vae", CONVERT, ["{wan}", "--out", "{out}"], "leave it out with --only"),
-    ("convert-existing-out", CONVERT, ["{wan}", "--out", "{existing}", "--only", "dit"], "exists"),
+    (
+        "convert-existing-out",
+        CONVERT,
+        ["{wan}", "--out", "{existing}", "--only", "dit"],
+        "is not empty and is not an s2dit-mlx model folder",
+    ),
     # --- python -m train.dit ---
     ("dit-frames-10", DIT, [*DIT_RUN, "--frames", "10"], "frames 10 (--frames) must be 4k + 1"),
     ("dit-height-40", DIT, [*DIT_RUN, "--height", "40"], "height 40 (--height) is not divisible"),
@@ -309,9 +314,9 @@ BAD_INPUTS = [
         "frames 7 (--frames) must be 4k + 1",
     ),
     (
-        "dit-existing-out-bad-height",
+        "dit-height-33",
         DIT,
-        ["--model", "{model}", "--out", "{existing}", "--height", "33"],
+        ["--model", "{model}", "--out", "{out}", "--height", "33"],
         "height 33 (--height)",
     ),
     ("dit-model-and-config", DIT, [*DIT_RUN, "--config", "{lone_config}"], "exactly one of"),

@@ -688,12 +688,14 @@ def run(args: argparse.Namespace) -> Path:
         )
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise S2DiTError(f"--init: no model folder at {args.init} (config.json missing)")
+    # Where the run may write first (a path check), then what the inputs hold.
+    inputs = [("--init model folder", args.init), ("--vae folder", args.vae)]
+    out = check_run_dir(args.out, inputs=inputs)
     if args.init:
         check_init_folder(Path(args.init))
     if args.vae:
         check_vae_folder(Path(args.vae), (args.clip_frames, args.long_clip_frames))
-    inputs = [("--init model folder", args.init), ("--vae folder", args.vae)]
-    out = mark_run_dir(check_run_dir(args.out, inputs=inputs), "train.default_model")
+    mark_run_dir(out, "train.default_model")
     if args.init:
         init = continue_from(Path(args.init), out, args.sink)
     else:

@@ -23,10 +23,10 @@ from conftest import TINY_DEFAULTS, make_tiny_components
 from mlx.utils import tree_flatten
 from test_train import ROOT, _free_port, flat, latent_data, make_trainer, tiny_dit
 
+from s2dit_mlx import rng
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
 from s2dit_mlx.models.s2dit import S2DiT
 from train import checkpoint as ckpt_mod
-from train import rng
 from train.flow import FlowConfig, FlowModel, flow_matching_loss
 from train.palette import palette_targets
 from train.precision import NonFiniteError

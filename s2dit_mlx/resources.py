@@ -338,9 +338,12 @@ def dit_call_memory(
 
 
 def _visible(args, chunk: int) -> int:
-    from .streaming import visible_chunks
-
-    return len(visible_chunks(chunk, args.window, args.sink))
+    """How many chunks a query in `chunk` sees: streaming.visible_chunks, counted in O(1)."""
+    if args.window is None:
+        return chunk + 1
+    recent = min(args.window, chunk + 1)  # chunks chunk - recent + 1 .. chunk
+    sinks = min(args.sink, chunk + 1)  # chunks 0 .. sinks - 1
+    return recent + sinks - max(0, sinks - (chunk - recent + 1))
 
 
 def _decode_memory(vae, frames_per_chunk: int, latent_height: int, latent_width: int) -> dict:
@@ -411,7 +414,7 @@ def estimate_generate(pipe, settings, threads: int | None = None) -> Estimate:
         call_frames = min(per_chunk, latent_frames)
         chunks = math.ceil(latent_frames / per_chunk)
         batch = 2 if use_cfg else 1
-        visible = max(_visible(args, c) for c in range(min(chunks, 64)))
+        visible = _visible(args, chunks - 1)  # never fewer in a later chunk
     else:
         call_frames, chunks, batch, visible = latent_frames, 1, 1, 1
     call = dit_call_memory(args, batch, call_frames, lh, lw, visible, dtype_bytes)
@@ -478,10 +481,13 @@ def _generate_time(args, vae, settings, streaming, chunks, per_chunk, latent_fra
     calls = 0
     if streaming:
         # Each chunk: `steps` solver calls and one cache write, at the doubled batch with CFG.
+        cost: dict[tuple[int, int], float] = {}  # most chunks repeat the same shapes
         for c in range(chunks):
             frames = min(per_chunk, latent_frames - c * per_chunk)
-            visible = _visible(args, c)
-            call = call_flops(args, frames, lh, lw, visible, 0)["total"]
+            key = (frames, _visible(args, c))
+            if key not in cost:
+                cost[key] = call_flops(args, frames, lh, lw, key[1], 0)["total"]
+            call = cost[key]
             flops += call * batch * (settings.steps + 1)
             calls += settings.steps + 1
             elements += batch * frames * (lh // ph) * (lw // pw) * (settings.steps + 1)

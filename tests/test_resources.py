@@ -258,6 +258,7 @@ BOUNDS_SCRIPT = textwrap.dedent(
 
     res = {}
     n = lambda *s: mx.random.normal(s)
+    K.MIN_ELEMENTS = K.MIN_GEMM_MACS = 1  # the kernels take any size: only shapes decide
     with K.enabled():
         # The array that crashed `generate --height 99968 --width 99968` (never evaluated).
         huge = mx.zeros((2, 117_112_512, 128))
@@ -333,3 +334,34 @@ def test_visible_chunk_count_matches_the_cache():
             for chunk in range(12):
                 expected = len(visible_chunks(chunk, window, sink))
                 assert resources._visible(args, chunk) == expected, (window, sink, chunk)
+
+
+def test_small_products_stay_on_one_thread(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.THREADS_ENV, "2")
+    assert cpu_kernels.threads_for(1000) == 1
+    assert cpu_kernels.threads_for(cpu_kernels.MACS_PER_THREAD * 2) == 2
+    assert cpu_kernels.threads_for(cpu_kernels.MACS_PER_THREAD * 100) == 2
+
+
+@pytest.mark.skipif(not cpu_kernels.gemm_available(), reason="the kernels' GEMM needs AVX-512F")
+def test_threaded_kernels_match_mlx(monkeypatch):
+    """Every share on its own thread (3 threads whatever the size): same results as MLX."""
+    monkeypatch.setenv(cpu_kernels.THREADS_ENV, "3")
+    for name in ("MACS_PER_THREAD", "MIN_ELEMENTS", "MIN_GEMM_MACS"):
+        monkeypatch.setattr(cpu_kernels, name, 1)
+
+    def normal(*shape):
+        return mx.random.normal(shape, key=mx.random.key(sum(shape)))
+
+    x, w, b = normal(300, 70), normal(50, 70), normal(50)
+    q, k, v = normal(2, 3, 40, 32), normal(2, 3, 45, 32), normal(2, 3, 45, 32)
+    xs, wc = normal(1, 3, 6, 7, 20), normal(24, 3, 3, 3, 20)
+    with cpu_kernels.enabled():
+        lin = cpu_kernels.linear(x, w, b)
+        att = cpu_kernels.attention(q, k, v, 0.2)
+        conv = cpu_kernels.conv3d(xs, wc, None, None, False, (1, 1))
+    ref_conv = mx.conv3d(mx.pad(xs, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)]), wc)
+    ref_att = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2)
+    for out, ref in ((lin, x @ w.T + b), (att, ref_att), (conv, ref_conv)):
+        assert out is not None and out.shape == ref.shape
+        assert mx.allclose(out, ref, atol=1e-4, rtol=1e-4).item()  # float32 sums, other order

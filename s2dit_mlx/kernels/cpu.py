@@ -244,6 +244,18 @@ def gemm_threads() -> int:
     return _usable_cpus()
 
 
+# Multiply-adds per thread before a product is split: ~0.6 ms of work per core, well above
+# the cost of starting a thread, so small products (the built-in model's) stay on one thread:
+# splitting them was slower even on an idle machine, and on a busy one every split waits
+# for its slowest share.
+MACS_PER_THREAD = 1 << 26
+
+
+def threads_for(macs: int) -> int:
+    """Threads for a product of `macs` multiply-adds: gemm_threads(), fewer for small ones."""
+    return max(1, min(gemm_threads(), macs // MACS_PER_THREAD))
+
+
 def _gemm_usable(macs: int, x: mx.array, *others: mx.array | None) -> bool:
     """Enabled, big enough, x usable (see usable()) and every other operand float32."""
     return (
@@ -320,7 +332,15 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     if a is None or w is None or view is None or (bias is not None and b is None):
         return None
     failed = library().s2dit_linear(
-        m, n, k, a.ctypes.data, k, w.ctypes.data, _address(b), view.ctypes.data, gemm_threads()
+        m,
+        n,
+        k,
+        a.ctypes.data,
+        k,
+        w.ctypes.data,
+        _address(b),
+        view.ctypes.data,
+        threads_for(m * n * k),
     )
     return None if failed else out.reshape(*x.shape[:-1], n)
 
@@ -379,7 +399,7 @@ def conv3d(
         table = (ctypes.c_void_p * len(frames))(*frames)
         failed = library().s2dit_conv3d(
             table, len(frames), h, w, c, upsample, kt, kh, kw, ph, pw, wts.ctypes.data,
-            _address(bias_view), o, out_view[i].ctypes.data, gemm_threads(),
+            _address(bias_view), o, out_view[i].ctypes.data, threads_for(macs // b),
         )  # fmt: skip
         if failed:
             return None
@@ -427,6 +447,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array |
     qv, kv, vv = views
     failed = library().s2dit_attention(
         b, h, lq, lk, d, qv.ctypes.data, kv.ctypes.data, vv.ctypes.data, out_view.ctypes.data,
-        table, scale, tile, gemm_threads(),
+        table, scale, tile, threads_for(b * h * lq * lk * d),
     )  # fmt: skip
     return None if failed else out.transpose(0, 2, 1, 3)

@@ -33,8 +33,9 @@ export coreml
   plus the float64 tables they are computed from.
 
 Time (generate only) is FLOPs (coreml/cost.py's analytic count of the DiT, plus the VAE) over
-an assumed rate, plus a per-op dispatch cost: a rough estimate (within 2-3x), good for "this
-will take hours" rather than for planning to the minute.
+an assumed rate, plus a dispatch cost per MLX op and a memory-bound cost per elementwise pass
+over the activations: a rough estimate, good for "this will take hours" rather than for
+planning to the minute.
 """
 
 from __future__ import annotations
@@ -353,7 +354,8 @@ def _decode_memory(vae, frames_per_chunk: int, latent_height: int, latent_width:
     chunk_frames_bytes = 4.0 * frames_per_chunk * tf * frame_px
     config = getattr(vae, "config", None)
     if getattr(config, "type", "patch") == "wan":
-        return {"decode": _wan_decode_bytes(vae, latent_height, latent_width, chunk_frames_bytes)}
+        decode = _wan_decode_bytes(vae, latent_height, latent_width)
+        return {"decode": decode + 2 * chunk_frames_bytes, "frames": chunk_frames_bytes}
     hidden = getattr(config, "hidden_dim", 0)
     # float32 copies of float16 weights, made per latent frame by type promotion
     weights = _param_bytes(vae.decoder_module) if hasattr(vae, "decoder_module") else 0
@@ -371,9 +373,18 @@ def _vae_is_f32(vae) -> bool:
     return all("32" in str(v.dtype) for _, v in tree_flatten(vae.parameters()))
 
 
-def _wan_decode_bytes(vae, latent_height: int, latent_width: int, frames_bytes: float) -> float:
-    """Wan VAE, one latent frame per pass: the widest level's activations (a few live copies)
-    plus every causal conv's cache of 2 input frames, at full size or one tile."""
+def _wan_decode_bytes(vae, latent_height: int, latent_width: int) -> float:
+    """Wan VAE, one latent frame per pass, at full size or one tile: the widest level's
+    activations (a few live copies), every causal conv's cache of 2 input frames, the largest
+    conv's unfolded input (MLX unfolds up to wan_vae's budget, then per-tap matmuls) and the
+    mid block's attention scores (the chunk's frames are added by the caller)."""
+    import mlx.core as mx
+
+    from .kernels import cpu as cpu_kernels
+    from .models import wan_vae
+
+    # The CPU kernels' direct convolution (big enough convs, AVX-512) unfolds nothing.
+    direct = mx.default_device() == mx.cpu and cpu_kernels.gemm_available()
     cfg = vae.config
     tile = getattr(vae, "_tile", None)
     sf = vae.spatial_factor
@@ -381,18 +392,23 @@ def _wan_decode_bytes(vae, latent_height: int, latent_width: int, frames_bytes: 
     if tile is not None:
         lh, lw = min(lh, tile[0] // sf), min(lw, tile[0] // sf)
     dims = [cfg.dec_dim * m for m in [cfg.dim_mult[-1], *cfg.dim_mult[::-1]]]
-    levels = len(dims) - 1
     convs = 2 * (cfg.num_res_blocks + 1) + 1
     up_t = 1
-    worst = cache = 0.0
-    for i in range(levels):
-        scale = 2 ** min(i, levels - 1)
-        pixels = lh * lw * scale * scale
-        worst = max(worst, 4 * 4.0 * up_t * pixels * dims[i + 1])
-        cache += convs * 2 * 4.0 * pixels * dims[i + 1]
+    worst = cache = unfold = 0.0
+    for i in range(len(dims) - 1):
+        positions = up_t * lh * lw * 4**i
+        channels = dims[i + 1]
+        worst = max(worst, 4 * 4.0 * positions * channels)
+        cache += convs * 2 * 4.0 * lh * lw * 4**i * channels
+        in_out = 2 * 4.0 * positions * channels
+        if not (direct and 27 * positions * channels**2 >= cpu_kernels.MIN_GEMM_MACS):
+            unfolded = 27 * 4.0 * positions * channels
+            unfold = max(unfold, min(unfolded, max(wan_vae._CONV_UNFOLD_BUDGET, 2 * in_out)))
         if i < len(cfg.temporal_down) and cfg.temporal_down[::-1][i]:
             up_t *= 2
-    return worst + cache + 2 * frames_bytes
+    tokens = lh * lw
+    attention = 4.0 * min(tokens * tokens, wan_vae._ATTN_SCORE_BUDGET) + 3 * 4.0 * tokens * dims[0]
+    return worst + cache + max(unfold, attention)
 
 
 def estimate_generate(pipe, settings, threads: int | None = None) -> Estimate:
@@ -519,7 +535,7 @@ def _decode_flops(vae, latent_frames: int, lh: int, lw: int) -> float:
             pixels = lh * lw * 4**i
             convs = 2 * (cfg.num_res_blocks + 1)
             total += convs * 27 * dims[i + 1] ** 2 * pixels * up_t
-            if cfg.temporal_down[::-1][i]:
+            if i < len(cfg.temporal_down) and cfg.temporal_down[::-1][i]:
                 up_t *= 2
         return 2.0 * total * latent_frames
     k = cfg.temporal_kernel * cfg.spatial_kernel**2 * cfg.z_dim * cfg.hidden_dim

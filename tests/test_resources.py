@@ -365,3 +365,25 @@ def test_threaded_kernels_match_mlx(monkeypatch):
     for out, ref in ((lin, x @ w.T + b), (att, ref_att), (conv, ref_conv)):
         assert out is not None and out.shape == ref.shape
         assert mx.allclose(out, ref, atol=1e-4, rtol=1e-4).item()  # float32 sums, other order
+
+
+def test_estimate_with_a_wan_vae():
+    """The Wan VAE branch of the model: runs, grows with size, and is in the right range
+    (coarser than the patch VAE's: within 2x of MLX's measured peak on a tiny random one)."""
+    from conftest import TINY_DEFAULTS, make_tiny_components
+
+    from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
+
+    dit, _, text_encoder = make_tiny_components(seed=1)
+    config = WanVAEConfig(version="2.1", base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2])
+    config.num_res_blocks = 1
+    vae = WanVAE(config)
+    mx.eval(vae.parameters())
+    pipe = Pipeline(dit, vae, text_encoder, defaults=TINY_DEFAULTS)
+    peaks = [pipe.estimate(height=s, width=s).peak_bytes for s in (64, 128, 256)]
+    assert peaks == sorted(peaks)
+    est = pipe.estimate(height=128, width=128)
+    mx.reset_peak_memory()
+    pipe.generate("a fox", seed=0, height=128, width=128)
+    measured = mx.get_peak_memory()
+    assert 0.5 * measured <= est.mlx_bytes <= 2 * measured, (est.mlx_bytes, measured)

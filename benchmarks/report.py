@@ -204,7 +204,8 @@ def contention_table(r: dict) -> list[str]:
     lines = [
         f"**Generation under CPU contention** (built-in model, seconds per clip, median over "
         f"{r['rounds']} alternating runs x {r['clips_per_run']} clips; competitor "
-        f"{r['competitor']}; `benchmarks/contention.py`)",
+        f"{r['competitor']}; quiet = without it, on a machine other jobs shared; "
+        "`benchmarks/contention.py`)",
         "",
         "| size | setting | quiet | busy | busy / quiet |",
         "|---|---|---|---|---|",

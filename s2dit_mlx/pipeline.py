@@ -35,7 +35,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import sampling
+from . import resources, sampling
 from .errors import S2DiTError
 from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
@@ -195,6 +195,11 @@ class Pipeline:
             )
         if s.solver == sampling.FEW_STEP and s.mode != "streaming":
             raise S2DiTError(f"the {sampling.FEW_STEP} solver runs in streaming mode only")
+
+    def estimate(self, prompt: str = "", **settings) -> resources.Estimate:
+        """Peak memory and time of generate() with these settings, estimated without running
+        it (see s2dit_mlx/resources.py): `.peak_bytes`, `.seconds`, `.summary()`."""
+        return resources.estimate_generate(self, self.settings(prompt, **settings))
 
     # ------------------------------------------------------------------------------------------
     # Generation

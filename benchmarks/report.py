@@ -175,6 +175,54 @@ def wan_vs_torch_table(r: dict) -> list[str]:
     return lines
 
 
+def resources_table(r: dict) -> list[str]:
+    lines = [
+        "**Resource guard: estimated vs measured peak memory** (built-in model, MB; generate: "
+        "MLX's peak, export: max-RSS growth; `benchmarks/resources.py`)",
+        "",
+        "| run | size | estimated | measured | ratio | RSS growth (estimated) | seconds "
+        "(estimated) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        gen = row["kind"] == "generate"
+        est = row["estimated_mlx_mb"] if gen else row["estimated_peak_mb"]
+        meas = row["mlx_peak_mb"] if gen else row["rss_growth_mb"]
+        ratio = row["mlx_ratio"] if gen else row["rss_ratio"]
+        rss = f"{row['rss_growth_mb']:.1f} ({row['estimated_peak_mb']:.1f})" if gen else "-"
+        secs = f"{row['seconds']:.1f}"
+        if row["estimated_seconds"] is not None:
+            secs += f" ({row['estimated_seconds']:.1f})"
+        lines.append(
+            f"| {row['kind']} | {row['size']}x{row['size']} | {est:.1f} | {meas:.1f} | "
+            f"{ratio:.2f} | {rss} | {secs} |"
+        )
+    return lines
+
+
+def contention_table(r: dict) -> list[str]:
+    lines = [
+        f"**Generation under CPU contention** (built-in model, seconds per clip, median over "
+        f"{r['rounds']} alternating runs x {r['clips_per_run']} clips; competitor "
+        f"{r['competitor']}; quiet = without it, on a machine other jobs shared; "
+        "`benchmarks/contention.py`)",
+        "",
+        "| size | setting | quiet | busy | busy / quiet |",
+        "|---|---|---|---|---|",
+    ]
+    notes = []
+    for res in r["sizes"]:
+        size = f"{res['size']}x{res['size']}"
+        for name, row in res["settings"].items():
+            quiet, busy = row["quiet_median_s"], row["busy_median_s"]
+            lines.append(f"| {size} | {name} | {quiet:.2f} | {busy:.2f} | {busy / quiet:.1f}x |")
+        notes.append(
+            f"{size}: busy default / best {res['busy_default_over_best']:.2f} (goal <= 1.5), "
+            f"quiet default / old default {res['quiet_default_over_old']:.2f}"
+        )
+    return [*lines, "", "; ".join(notes) + "."]
+
+
 RENDERERS = {
     "gemm": gemm_table,
     "attention": attention_table,
@@ -182,6 +230,8 @@ RENDERERS = {
     "quality": quality_table,
     "coreml": coreml_table,
     "wan_vs_torch": wan_vs_torch_table,
+    "resources": resources_table,
+    "contention": contention_table,
 }
 
 

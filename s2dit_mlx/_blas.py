@@ -8,6 +8,13 @@ machines often lack, so we fall back to the libgfortran that the mlx/numpy
 wheels bundle under a hashed name, re-labelled in a cache folder.
 
 Set S2DIT_NO_OPENBLAS=1 to turn all of this off.
+
+Threads: OpenBLAS runs single-threaded unless OPENBLAS_NUM_THREADS (or GOTO_/OMP_NUM_THREADS)
+says otherwise. MLX hands it many small products, where splitting costs more than it saves,
+and its threads busy-wait for each other: with another CPU-bound process on the machine a
+waiting thread burns the time slice its partner needs, and generation ran 10-40x slower
+than with one thread. The large products of inference run on our own kernels
+(kernels/cpu.py), whose threads (`usable_cpus()` of them) block instead of spinning.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ import sysconfig
 from pathlib import Path
 
 DISABLE_ENV = "S2DIT_NO_OPENBLAS"
+# Environment variables OpenBLAS reads for its thread count at load time.
+THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 # What happened, for `s2dit info`: "openblas", "disabled", "not-linux", "already-imported",
 # or "reference (<reason>)".
 status: str = "not-run"
 library: str | None = None
+# OpenBLAS's thread count once loaded (None: not loaded), and who chose it.
+openblas_threads: int | None = None
+threads_source: str = ""
 
 
 def _site_dirs() -> list[Path]:
@@ -93,9 +105,57 @@ def setup() -> str:
                 _load_bundled_gfortran()
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             status, library = "openblas", path
+            _set_threads(ctypes.CDLL(path))
         except OSError as err:
             status = f"reference (could not load OpenBLAS: {err})"
     return status
+
+
+def _set_threads(lib: ctypes.CDLL) -> None:
+    """One OpenBLAS thread unless the user's environment asked for a count (see the top)."""
+    global openblas_threads, threads_source
+    chosen = next((name for name in THREAD_ENVS if os.environ.get(name, "").strip()), None)
+    try:
+        if chosen is None:
+            lib.openblas_set_num_threads(1)
+        lib.openblas_get_num_threads.restype = ctypes.c_int
+        openblas_threads = int(lib.openblas_get_num_threads())
+    except AttributeError:  # an OpenBLAS without the thread API: leave it as it is
+        return
+    threads_source = chosen or "default"
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """CPUs allowed by a cgroup v2 (cpu.max) or v1 (cfs quota) limit, rounded up; None: none."""
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        if quota > 0 and period > 0:
+            return max(1, -(-quota // period))
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no affinity API
+        count = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit() if sys.platform.startswith("linux") else None
+    return max(1, min(count, limit) if limit else count)
 
 
 def describe() -> str:

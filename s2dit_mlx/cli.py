@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "float16", "bfloat16"],
         help="precision of the diffusion transformer (default: the model folder's, else float32)",
     )
+    gen.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="run even when the estimated peak memory exceeds the memory available or the "
+        "estimated time exceeds a day (the estimate is printed when it is over a minute)",
+    )
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     gen.set_defaults(func=cmd_generate)
 
@@ -187,6 +193,16 @@ def _memory(gb: float | None) -> str:
     return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
 
 
+def _check_resources(pipe, settings, allow: bool, quiet: bool) -> None:
+    """Refuse (S2DiTError) a generation that will not fit; say how long a long one takes."""
+    from . import resources
+
+    estimate = resources.estimate_generate(pipe, settings)
+    resources.check(estimate, allow=allow)
+    if not quiet and estimate.seconds is not None and estimate.seconds > resources.NOTE_SECONDS:
+        print(f"note: estimated {estimate.summary()} (a rough estimate)", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """`s2dit generate`: prompt -> video file + JSON sidecar."""
     if not args.model:
@@ -228,6 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = pipe.start(args.prompt, progress=not args.quiet, **overrides)
     settings = run.settings
     video_io.check_output_path(out, settings.frames)
+    _check_resources(pipe, settings, args.allow_large, args.quiet)
     fps = args.fps if args.fps is not None else pipe.defaults["fps"]
     if not (isinstance(fps, (int, float)) and fps > 0):
         raise S2DiTError(f"fps must be a positive number, got {fps!r}")

@@ -35,6 +35,22 @@ def _device_line() -> str:
     return f"device: {mx.default_device()} (Metal available: {metal})"
 
 
+def _threads_line() -> str:
+    """Threads of OpenBLAS and of our kernels, and the CPUs this process may use."""
+    usable = _blas.usable_cpus()
+    blas = "n/a" if _blas.openblas_threads is None else str(_blas.openblas_threads)
+    if _blas.threads_source not in ("", "default"):
+        blas += f" (from {_blas.threads_source})"
+    kernels = cpu_kernels.gemm_threads()
+    env = next(
+        (n for n in (cpu_kernels.THREADS_ENV, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+         if os.environ.get(n, "").strip()),
+        None,
+    )  # fmt: skip
+    source = f" (from {env})" if env else ""
+    return f"threads: OpenBLAS {blas}, CPU kernels {kernels}{source}; usable CPUs {usable}"
+
+
 def info_lines(gemm: bool = True) -> list[str]:
     """Human-readable lines describing this installation; `gemm=False` skips the measurement."""
     lines = [
@@ -43,6 +59,7 @@ def info_lines(gemm: bool = True) -> list[str]:
         _device_line(),
         f"BLAS: {_blas.describe()}",
         f"CPU kernels (inference): {cpu_kernels.status()}",
+        _threads_line(),
     ]
     if gemm:
         lines.append(f"fp32 GEMM (n=1024): {gemm_gflops(1024):.1f} GFLOP/s")

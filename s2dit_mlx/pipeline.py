@@ -37,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import generation
+from . import generation, resources
 from .errors import S2DiTError
 from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
@@ -247,6 +247,11 @@ class Pipeline:
         if s.mode not in MODES:
             raise S2DiTError(f"mode must be one of {', '.join(MODES)}, got {s.mode!r}")
         s.sampler.validate(streaming=s.mode == "streaming")
+
+    def estimate(self, prompt: str = "", **settings) -> resources.Estimate:
+        """Peak memory and time of generate() with these settings, estimated without running
+        it (see s2dit_mlx/resources.py): `.peak_bytes`, `.seconds`, `.summary()`."""
+        return resources.estimate_generate(self, self.settings(prompt, **settings))
 
     # ------------------------------------------------------------------------------------------
     # Generation

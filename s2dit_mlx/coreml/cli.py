@@ -89,6 +89,11 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="export the DiT only (e.g. for a VAE type the exporter does not support yet)",
     )
+    p.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="export even when the estimated peak memory exceeds the memory available",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line")
     p.set_defaults(func=cmd_export_coreml)
     return p
@@ -123,7 +128,7 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
     height = args.height if args.height is not None else defaults["height"]
     width = args.width if args.width is not None else defaults["width"]
     vae = None if args.skip_vae else bundle.vae
-    check_export(
+    shapes = check_export(
         bundle.dit,
         vae,
         height,
@@ -135,6 +140,12 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
         args.precision,
         bundle.vae.spatial_factor,
     )
+    from .. import resources
+
+    estimate = resources.estimate_export(
+        bundle.dit, vae, shapes, height, width, args.precision, args.compress
+    )
+    resources.check(estimate, allow=args.allow_large)
     steps = args.steps if args.steps is not None else defaults["steps"]
     if steps < 1:
         raise S2DiTError(f"steps must be a positive integer, got {steps}")

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -32,6 +33,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..errors import S2DiTError
 
 DISABLE_ENV = "S2DIT_NO_CPU_KERNELS"
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -103,9 +106,10 @@ def library() -> ctypes.CDLL | None:
     lib.s2dit_attention.argtypes = [*[i64] * 5, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64]
     lib.s2dit_gemm_supported.argtypes = []
     lib.s2dit_gemm_supported.restype = ctypes.c_int
-    fns = (lib.s2dit_softmax_rows, lib.s2dit_silu, lib.s2dit_gelu_tanh)
-    for fn in (*fns, lib.s2dit_linear, lib.s2dit_conv3d, lib.s2dit_attention):
+    for fn in (lib.s2dit_softmax_rows, lib.s2dit_silu, lib.s2dit_gelu_tanh):
         fn.restype = None
+    for fn in (lib.s2dit_linear, lib.s2dit_conv3d, lib.s2dit_attention):
+        fn.restype = ctypes.c_int  # 0, or non-zero when a work buffer could not be allocated
     unavailable_reason = None
     return lib
 
@@ -153,6 +157,7 @@ def usable(x: mx.array) -> bool:
 
 def _owned_buffer(x: mx.array) -> np.ndarray | None:
     """Evaluate a fresh array and view its buffer (None inside compile and other traces)."""
+    check_allocation(x.nbytes, f"a {list(x.shape)} array")
     try:
         mx.eval(x)
     except ValueError:  # "Attempting to eval an array during function transformations"
@@ -196,6 +201,8 @@ def softmax_scores(scores: mx.array) -> bool:
     caller holds; False when that cannot be done (the caller then uses mx.softmax)."""
     if not usable(scores):
         return False
+    if scores.ndim < 1 or scores.shape[-1] < 1:
+        return False
     view = _owned_buffer(scores)
     if view is None:
         return False
@@ -217,13 +224,36 @@ def gemm_available() -> bool:
     return lib is not None and bool(lib.s2dit_gemm_supported())
 
 
+THREADS_ENV = "S2DIT_NUM_THREADS"
+
+
+@lru_cache(maxsize=1)
+def _usable_cpus() -> int:
+    from .. import _blas
+
+    return _blas.usable_cpus()
+
+
 def gemm_threads() -> int:
-    """Threads per product: as many as OpenBLAS is given, else every core."""
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
+    """Threads per product: S2DIT_NUM_THREADS, else a thread count the user gave OpenBLAS,
+    else every CPU this process may use (affinity and cgroup quota, not the machine's)."""
+    for name in (THREADS_ENV, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
         if value.isdigit() and int(value) > 0:
-            return int(value)
-    return os.cpu_count() or 1
+            return min(int(value), 256)
+    return _usable_cpus()
+
+
+# Multiply-adds per thread before a product is split: ~0.6 ms of work per core, well above
+# the cost of starting a thread, so small products (the built-in model's) stay on one thread:
+# splitting them was slower even on an idle machine, and on a busy one every split waits
+# for its slowest share.
+MACS_PER_THREAD = 1 << 26
+
+
+def threads_for(macs: int) -> int:
+    """Threads for a product of `macs` multiply-adds: gemm_threads(), fewer for small ones."""
+    return max(1, min(gemm_threads(), macs // MACS_PER_THREAD))
 
 
 def _gemm_usable(macs: int, x: mx.array, *others: mx.array | None) -> bool:
@@ -236,10 +266,36 @@ def _gemm_usable(macs: int, x: mx.array, *others: mx.array | None) -> bool:
     )
 
 
+def check_allocation(nbytes: int, what: str = "an array") -> None:
+    """Raise S2DiTError when `nbytes` cannot be allocated on this machine at all.
+
+    MLX's CPU allocator does not check malloc's result: an array that cannot be allocated is
+    then written through a null pointer and the process dies of a segmentation fault (how
+    `generate --height 99968 --width 99968` crashed in `_read_buffer`). We evaluate arrays
+    here, so we refuse those sizes first; the resource guard (resources.py) stops such
+    requests long before, this is the last line of defence.
+    """
+    from ..resources import memory_ceiling
+
+    ceiling = memory_ceiling()
+    if ceiling is not None and nbytes > ceiling:
+        raise S2DiTError(
+            f"out of memory: {what} of {nbytes / 1e9:.3g} GB does not fit in this machine's "
+            f"{ceiling / 1e9:.3g} GB of memory and swap; choose smaller sizes"
+        )
+
+
+def _zeros(shape: tuple[int, ...]) -> mx.array:
+    """A float32 output buffer, refused (S2DiTError) when it cannot exist."""
+    check_allocation(4 * math.prod(shape), f"a {list(shape)} output")
+    return mx.zeros(shape, mx.float32)
+
+
 def _read_buffer(x: mx.array, rows_ok: bool = False) -> np.ndarray | None:
     """A numpy view of x's evaluated buffer, C-contiguous (or, with rows_ok, with only the
     last axis contiguous), else of a contiguous copy of x (e.g. weights transposed by
     sanitize()); None inside traces."""
+    check_allocation(x.nbytes, f"a {list(x.shape)} array")
     try:
         mx.eval(x)
     except ValueError:
@@ -259,21 +315,34 @@ def _address(view: np.ndarray | None) -> int | None:
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array | None:
     """x @ weight.T + bias with the kernels' GEMM, or None where it does not apply."""
+    if x.ndim < 1 or weight.ndim != 2:
+        return None
     k, n = x.shape[-1], weight.shape[0]
     m = x.size // max(k, 1)
+    # Shapes the product reads must match (the C++ trusts them), else MLX raises its own error.
+    if k < 1 or weight.shape[1] != k or (bias is not None and tuple(bias.shape) != (n,)):
+        return None
     # (Narrow outputs waste most of the 32-wide micro-kernel: OpenBLAS does those.)
-    if weight.ndim != 2 or n < 16 or not _gemm_usable(m * n * k, x, weight, bias):
+    if n < 16 or not _gemm_usable(m * n * k, x, weight, bias):
         return None
     a, w = _read_buffer(x), _read_buffer(weight)
     b = None if bias is None else _read_buffer(bias)
-    out = mx.zeros((m, n), mx.float32)
+    out = _zeros((m, n))
     view = _owned_buffer(out)
     if a is None or w is None or view is None or (bias is not None and b is None):
         return None
-    library().s2dit_linear(
-        m, n, k, a.ctypes.data, k, w.ctypes.data, _address(b), view.ctypes.data, gemm_threads()
+    failed = library().s2dit_linear(
+        m,
+        n,
+        k,
+        a.ctypes.data,
+        k,
+        w.ctypes.data,
+        _address(b),
+        view.ctypes.data,
+        threads_for(m * n * k),
     )
-    return out.reshape(*x.shape[:-1], n)
+    return None if failed else out.reshape(*x.shape[:-1], n)
 
 
 def conv3d(
@@ -292,9 +361,20 @@ def conv3d(
     pads (h, w); `upsample` 2 convolves the 2x nearest-upsampled frames. None of these
     inputs is built in memory.
     """
+    if x.ndim != 5 or weight.ndim != 5:
+        return None
     b, t, h, w, c = x.shape
-    o, kt, kh, kw, _ = weight.shape
+    o, kt, kh, kw, cin = weight.shape
     ph, pw = padding
+    # Every shape the C++ reads through a pointer must match, else MLX's own ops run.
+    if (
+        cin != c
+        or min(h, w, c, o, kt, kh, kw, upsample) < 1
+        or min(ph, pw) < 0
+        or (bias is not None and tuple(bias.shape) != (o,))
+        or (causal and history is not None and tuple(history.shape) != (b, kt - 1, h, w, c))
+    ):
+        return None
     ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
     t_out = t if causal else t - kt + 1
     macs = b * t_out * ho * wo * o * kt * kh * kw * c
@@ -303,8 +383,8 @@ def conv3d(
         return None
     xs, wts = _read_buffer(x), _read_buffer(weight)
     bias_view = None if bias is None else _read_buffer(bias)
-    hist = None if history is None else _read_buffer(history)
-    out = mx.zeros((b, t_out, ho, wo, o), mx.float32)
+    hist = None if history is None or not causal else _read_buffer(history)
+    out = _zeros((b, t_out, ho, wo, o))
     out_view = _owned_buffer(out)
     given = [(xs, x), (wts, weight), (bias_view, bias), (hist, history), (out_view, out)]
     if any(view is None and array is not None for view, array in given):
@@ -317,10 +397,12 @@ def conv3d(
             xs.ctypes.data + (i * t + j) * frame_bytes for j in range(t)
         ]
         table = (ctypes.c_void_p * len(frames))(*frames)
-        library().s2dit_conv3d(
+        failed = library().s2dit_conv3d(
             table, len(frames), h, w, c, upsample, kt, kh, kw, ph, pw, wts.ctypes.data,
-            _address(bias_view), o, out_view[i].ctypes.data, gemm_threads(),
+            _address(bias_view), o, out_view[i].ctypes.data, threads_for(macs // b),
         )  # fmt: skip
+        if failed:
+            return None
     return out
 
 
@@ -344,12 +426,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array |
     and never reach MLX. The result is [B, H, Lq, D] laid out as [B, Lq, H, D], so the
     usual transpose back to tokens is free.
     """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return None
     b, h, lq, d = q.shape
     lk = k.shape[2]
+    # Keys and values must cover every (batch, head) and row the kernel reads.
+    if tuple(k.shape) != (b, h, lk, d) or tuple(v.shape) != (b, h, lk, d) or min(lq, lk) < 1:
+        return None
     if d < 16 or not _gemm_usable(b * h * lq * lk * d, q, k, v):
         return None
     views = [_read_buffer(a, rows_ok=True) for a in (q, k, v)]
-    out = mx.zeros((b, lq, h, d), mx.float32)
+    out = _zeros((b, lq, h, d))
     out_view = _owned_buffer(out)
     if any(view is None for view in views) or out_view is None:
         return None
@@ -358,8 +445,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array |
     table = (ctypes.c_int64 * 12)(*strides)
     tile = attention_tile(lq, lk)
     qv, kv, vv = views
-    library().s2dit_attention(
+    failed = library().s2dit_attention(
         b, h, lq, lk, d, qv.ctypes.data, kv.ctypes.data, vv.ctypes.data, out_view.ctypes.data,
-        table, scale, tile, gemm_threads(),
+        table, scale, tile, threads_for(b * h * lq * lk * d),
     )  # fmt: skip
-    return out.transpose(0, 2, 1, 3)
+    return None if failed else out.transpose(0, 2, 1, 3)

@@ -10,6 +10,11 @@
 // (about 100 GFLOP/s per core on the CI machine's AMD EPYC, where OpenBLAS reaches 60-95
 // on our convolution shapes); the convolution reads its input in place (see below).
 //
+// Failure: the entry points that allocate (s2dit_linear, s2dit_conv3d, s2dit_attention) return
+// 0 on success and S2DIT_FAILED when a work buffer or a thread cannot be had; no exception
+// ever crosses into Python (one would abort the process) and a failed call writes nothing the
+// caller reads (the Python side then raises). Sizes are checked against the arrays there.
+//
 // exp(x): Cephes-style range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7
 // polynomial for e^r and 2^n written straight into the exponent bits; relative
 // error ~2e-7 on [-87.3, 88.3] (inputs outside are clamped to those ends).
@@ -18,7 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -182,8 +189,12 @@ class Scratch {
     if (buf_.size() < count) buf_.resize(count);
   }
   ~Scratch() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    free_.push_back(std::move(buf_));
+    try {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_back(std::move(buf_));
+    } catch (...) {
+      // No room to keep it: the buffer is simply freed.
+    }
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -344,22 +355,44 @@ void gemm_rows(const Rows& A, const MatrixB& B, const float* bias, float* c, int
   }
 }
 
+// Run work(0..count) on up to `count` threads (the caller's among them); threads block in
+// join, never spin. A share whose thread cannot be started runs on the caller's. Returns
+// false when any share failed (out of memory): an exception must not leave a thread.
+template <class Work>
+bool run_shared(int64_t count, const Work& work) {
+  std::atomic<bool> failed{false};
+  auto guarded = [&](int64_t t) {
+    try {
+      work(t);
+    } catch (...) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  int64_t started = 1;  // share 0 is the caller's
+  try {
+    pool.reserve(count > 1 ? count - 1 : 0);
+    for (; started < count; ++started) pool.emplace_back(guarded, started);
+  } catch (...) {
+    // No more threads (or no memory for them): the caller runs the rest.
+  }
+  guarded(0);
+  for (int64_t t = started; t < count; ++t) guarded(t);
+  for (auto& th : pool) th.join();
+  return !failed;
+}
+
 // All M rows, split over `threads` threads in whole MC blocks (no shared rows of C).
 template <class Rows>
-void gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
+bool gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
           int64_t ldc, int64_t threads) {
   const int64_t blocks = (M + MC - 1) / MC;
   if (threads > blocks) threads = blocks;
-  if (threads <= 1) {
-    gemm_rows(A, B, bias, c, ldc, 0, M, N);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t) {
+  if (threads < 1) threads = 1;
+  return run_shared(threads, [&](int64_t t) {
     const int64_t lo = blocks * t / threads * MC, hi = blocks * (t + 1) / threads * MC;
-    pool.emplace_back([&, lo, hi] { gemm_rows(A, B, bias, c, ldc, lo, hi < M ? hi : M, N); });
-  }
-  for (auto& th : pool) th.join();
+    gemm_rows(A, B, bias, c, ldc, lo, hi < M ? hi : M, N);
+  });
 }
 
 constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
@@ -391,6 +424,8 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
 
 extern "C" {
 
+#define S2DIT_FAILED 1
+
 // Whether this CPU runs the GEMM's micro-kernel (AVX-512F).
 int s2dit_gemm_supported(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -402,53 +437,61 @@ int s2dit_gemm_supported(void) {
 }
 
 // c[M, N] = bias + a[M, K] (row stride lda) @ b[N, K]^T; bias may be NULL.
-void s2dit_linear(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
-                  const float* b, const float* bias, float* c, int64_t threads) {
-  gemm(MatrixRows{a, lda, K}, M, N, MatrixB{b, K, false}, bias, c, N, threads);
+int s2dit_linear(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                 const float* bias, float* c, int64_t threads) {
+  if (M < 0 || N < 1 || K < 1 || lda < K) return S2DIT_FAILED;
+  return gemm(MatrixRows{a, lda, K}, M, N, MatrixB{b, K, false}, bias, c, N, threads)
+             ? 0
+             : S2DIT_FAILED;
 }
 
 // Softmax attention over [batch, heads, L, d] operands given by element strides (the last
 // axis contiguous): strides[0..11] = q, k, v, out strides of (batch, head, row). Heads are
 // spread over threads (a single head runs on one); each keeps a [tile, lk] score buffer.
-void s2dit_attention(int64_t batch, int64_t heads, int64_t lq, int64_t lk, int64_t d,
-                     const float* q, const float* k, const float* v, float* out,
-                     const int64_t* strides, float scale, int64_t tile, int64_t threads) {
+int s2dit_attention(int64_t batch, int64_t heads, int64_t lq, int64_t lk, int64_t d,
+                    const float* q, const float* k, const float* v, float* out,
+                    const int64_t* strides, float scale, int64_t tile, int64_t threads) {
+  if (batch < 0 || heads < 0 || lq < 0 || lk < 1 || d < 1 || tile < 1) return S2DIT_FAILED;
   const int64_t *sq = strides, *sk = strides + 3, *sv = strides + 6, *so = strides + 9;
   const int64_t pairs = batch * heads;
+  if (threads > pairs) threads = pairs;
+  if (threads < 1) threads = 1;
   // Heads spread over threads, each with its own buffers.
-  auto run = [&](int64_t first, int64_t step) {
+  const bool ok = run_shared(threads, [&](int64_t first) {
     Scratch scores(tile * round_up(lk, 16));
     Scratch packed_k(round_up(lk, NR) * d), packed_v(round_up(d, NR) * lk);
-    for (int64_t p = first; p < pairs; p += step) {
+    for (int64_t p = first; p < pairs; p += threads) {
       const int64_t b = p / heads, h = p % heads;
       attention_head(q + b * sq[0] + h * sq[1], sq[2], k + b * sk[0] + h * sk[1], sk[2],
                      v + b * sv[0] + h * sv[1], sv[2], out + b * so[0] + h * so[1], so[2], lq,
                      lk, d, scale, tile, scores.data(), packed_k.data(), packed_v.data());
     }
-  };
-  if (threads > pairs) threads = pairs;
-  if (threads <= 1) {
-    run(0, 1);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t) pool.emplace_back(run, t, threads);
-  for (auto& th : pool) th.join();
+  });
+  return ok ? 0 : S2DIT_FAILED;
 }
 
 // A direct 3D convolution, stride 1, zero padding (ph, pw) in space, none in time:
 // frames[t_in] are [h, w, cin] inputs (NULL: zeros; seen `up`x nearest-upsampled), weight is
 // [cout, kt, kh, kw, cin], out is [t_in - kt + 1, h*up + 2ph - kh + 1, w*up + 2pw - kw + 1,
 // cout] = bias + conv; bias may be NULL.
-void s2dit_conv3d(const float* const* frames, int64_t t_in, int64_t h, int64_t w,
-                  int64_t cin, int64_t up, int64_t kt, int64_t kh, int64_t kw, int64_t ph,
-                  int64_t pw, const float* weight, const float* bias, int64_t cout, float* out,
-                  int64_t threads) {
-  std::vector<float> zeros(cin, 0.0f);
+int s2dit_conv3d(const float* const* frames, int64_t t_in, int64_t h, int64_t w, int64_t cin,
+                 int64_t up, int64_t kt, int64_t kh, int64_t kw, int64_t ph, int64_t pw,
+                 const float* weight, const float* bias, int64_t cout, float* out,
+                 int64_t threads) {
+  if (h < 1 || w < 1 || cin < 1 || up < 1 || kt < 1 || kh < 1 || kw < 1 || ph < 0 || pw < 0 ||
+      cout < 1 || t_in < kt)
+    return S2DIT_FAILED;
   const int64_t ho = h * up + 2 * ph - kh + 1, wo = w * up + 2 * pw - kw + 1;
-  const ConvRows A{frames, h, w, cin, up, kt, kh, kw, ph, pw, ho, wo, zeros.data()};
-  const MatrixB B{weight, kt * kh * kw * cin, false};
-  gemm(A, (t_in - kt + 1) * ho * wo, cout, B, bias, out, cout, threads);
+  if (ho < 1 || wo < 1) return S2DIT_FAILED;
+  try {
+    std::vector<float> zeros(cin, 0.0f);
+    const ConvRows A{frames, h, w, cin, up, kt, kh, kw, ph, pw, ho, wo, zeros.data()};
+    const MatrixB B{weight, kt * kh * kw * cin, false};
+    return gemm(A, (t_in - kt + 1) * ho * wo, cout, B, bias, out, cout, threads) ? 0
+                                                                                  : S2DIT_FAILED;
+  } catch (...) {
+    return S2DIT_FAILED;
+  }
 }
 
 }  // extern "C"

@@ -327,12 +327,12 @@ def bench_step(folder: Path, grid, latent_frames: int, compute: str) -> dict:
     converted bf16 weights left as stored and float32 inputs (matmuls promote to float32).
     """
     from s2dit_mlx import sampling
-    from s2dit_mlx.models.wan import load_wan_dit
+    from s2dit_mlx.loading import load_dit
     from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
     from s2dit_mlx.pipeline import Pipeline
 
     mx.clear_cache()
-    dit = load_wan_dit(folder)
+    dit = load_dit(folder)
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(dit.parameters()))
     shape = (1, latent_frames, *grid, Z)
     noise = mx.random.normal(shape, key=mx.random.key(0))

@@ -48,6 +48,7 @@ from s2dit_mlx.models import wan
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 
 from .weights import (
+    COMPUTE_DTYPES,
     DTYPES,
     ShardWriter,
     WeightSet,
@@ -670,7 +671,8 @@ def convert(
             config["text_encoder"] = te_cfg
             _write_json(tmp / "text_encoder" / "config.json", te_cfg)
             report.components.append(te_report)
-        config["defaults"] = _defaults(preset)
+        # The DiT computes in the dtype it is stored in, unless a user asks otherwise.
+        config["defaults"] = {**_defaults(preset), "dtype": COMPUTE_DTYPES[dtype]}
         if quantization:
             config["quantization"] = quantization
         config["wan"] = {

@@ -321,6 +321,8 @@ class ShardWriter:
 
 
 DTYPES = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}
+# The Pipeline's name for each (a converted folder's defaults.dtype).
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def should_quantize_linear(name: str, shape: tuple[int, ...], group_size: int, prefixes) -> bool:

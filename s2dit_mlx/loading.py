@@ -64,8 +64,12 @@ DEFAULTS: dict[str, Any] = {
     "negative_prompt": "",
     "mode": "streaming",
     "solver": "unipc",
+    # the DiT's compute dtype (a converted bf16 teacher says "bfloat16"); the pipeline's own
+    # `dtype` argument wins
+    "dtype": "float32",
 }
 MODES = ("streaming", "bidirectional")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def register_component(kind: str, type_name: str, config_cls: type, model_cls: type) -> None:
@@ -102,7 +106,8 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _read_json(path: Path, where: str) -> dict:
+def read_json(path: Path, where: str) -> dict:
+    """A JSON object from `path`; S2DiTError (prefixed by `where`) when missing or invalid."""
     if not path.is_file():
         raise S2DiTError(f"{where}: {path.name} is missing")
     try:
@@ -122,7 +127,7 @@ def _read_json(path: Path, where: str) -> dict:
 
 def _read_sharded(index: Path, where: str, file: str) -> dict[str, mx.array]:
     """The shards named in a `*.safetensors.index.json` (as convert/ and transformers write)."""
-    weight_map = _read_json(index, where).get("weight_map")
+    weight_map = read_json(index, where).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise S2DiTError(f"{where}: {index.name} has no valid weight_map")
     folder = file.rpartition("/")[0]
@@ -130,7 +135,7 @@ def _read_sharded(index: Path, where: str, file: str) -> dict[str, mx.array]:
     for shard in sorted(set(weight_map.values())):
         if "/" in shard or shard.startswith("."):
             raise S2DiTError(f"{where}: {index.name} names a shard outside its folder: {shard}")
-        weights.update(_read_weights(index.parent / shard, where, f"{folder}/{shard}".lstrip("/")))
+        weights.update(read_weights(index.parent / shard, where, f"{folder}/{shard}".lstrip("/")))
     missing = sorted(set(weight_map) - set(weights))
     if missing:
         raise S2DiTError(
@@ -139,7 +144,12 @@ def _read_sharded(index: Path, where: str, file: str) -> dict[str, mx.array]:
     return weights
 
 
-def _read_weights(path: Path, where: str, file: str) -> dict[str, mx.array]:
+def read_weights(path: Path, where: str, file: str | None = None) -> dict[str, mx.array]:
+    """The weights in `path` (a safetensors file, or the shards its `.index.json` names).
+
+    The one weight reader: model folders, component folders and converted Wan folders.
+    """
+    file = file or path.name
     index = path.with_name(path.name + ".index.json")
     if not path.is_file() and index.is_file():
         return _read_sharded(index, where, file)
@@ -189,7 +199,7 @@ def load_weights_strict(
     "bits"}), the Linear layers whose weights come with `.scales` become QuantizedLinear first.
     """
     file = file or path.name
-    weights = _read_weights(path, where, file)
+    weights = read_weights(path, where, file)
     if hasattr(module, "sanitize"):
         weights = module.sanitize(weights)
     if quantization:
@@ -247,22 +257,22 @@ def _check_finite(
             )
 
 
-def _build_dit(cfg: Any, where: str) -> nn.Module:
-    from .models.s2dit import ModelArgs, S2DiT  # the lead's module; imported late on purpose
+def build_dit(cfg: Any, where: str) -> nn.Module:
+    """A random-initialised S2DiT from a "dit" config dict."""
+    from .models.s2dit import ModelArgs, S2DiT  # imported late: keeps `import loading` light
 
     if not isinstance(cfg, dict):
         raise S2DiTError(f'{where}: config.json needs a "dit" object')
     try:
-        args = ModelArgs.from_dict(cfg)
-        args.validate()
-        return S2DiT(args)
+        return S2DiT(ModelArgs.from_dict(cfg))
     except S2DiTError as err:
         raise S2DiTError(f"{where}: {err}") from None
     except (TypeError, ValueError, KeyError) as err:
         raise S2DiTError(f'{where}: invalid "dit" config ({_one_line(err)})') from None
 
 
-def _build_component(kind: str, cfg: Any, where: str) -> nn.Module:
+def build_component(kind: str, cfg: Any, where: str) -> nn.Module:
+    """A random-initialised VAE or text encoder ("vae" / "text_encoder") from its config dict."""
     if not isinstance(cfg, dict):
         raise S2DiTError(f"{where}: the {kind} config must be a JSON object")
     type_name = cfg.get("type")
@@ -279,7 +289,8 @@ def _build_component(kind: str, cfg: Any, where: str) -> nn.Module:
         raise S2DiTError(f"{where}: invalid {kind} config ({_one_line(err)})") from None
 
 
-def _check_defaults(defaults: Any, where: str) -> dict:
+def check_defaults(defaults: Any, where: str) -> dict:
+    """A folder's generation defaults merged over DEFAULTS, every value checked."""
     if defaults is None:
         defaults = {}
     if not isinstance(defaults, dict):
@@ -303,6 +314,10 @@ def _check_defaults(defaults: Any, where: str) -> dict:
         )
     if not isinstance(merged["negative_prompt"], str):
         raise S2DiTError(f"{where}: default negative_prompt must be a string")
+    if merged["dtype"] not in DTYPE_NAMES:
+        raise S2DiTError(
+            f"{where}: default dtype must be one of {', '.join(DTYPE_NAMES)}, got {merged['dtype']!r}"
+        )
     return merged
 
 
@@ -336,54 +351,104 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
         ) from None
 
 
+def _component_cfg(config: dict, kind: str, folder: Path | None, where: str) -> Any:
+    """A component's config: the folder's own config.json over the top-level entry."""
+    cfg = config[kind]
+    sub = folder / kind / CONFIG_NAME if folder is not None else None
+    if sub is not None and sub.is_file():
+        sub_cfg = read_json(sub, where)
+        cfg = {**cfg, **sub_cfg} if isinstance(cfg, dict) else sub_cfg
+    return cfg
+
+
+def _components(config: dict, where: str, folder: Path | None) -> tuple:
+    """(vae, text_encoder, defaults) of a config.json dict, random weights, entries checked."""
+    for kind in ("dit", "vae", "text_encoder"):
+        if kind not in config:
+            raise S2DiTError(f'{where}: config.json has no "{kind}" entry')
+    model_type = config.get("model_type", "s2dit")
+    if model_type != "s2dit":
+        raise S2DiTError(f"{where}: model_type {model_type!r} is not supported (expected 's2dit')")
+    defaults = check_defaults(config.get("defaults"), where)
+    vae = build_component("vae", _component_cfg(config, "vae", folder, where), where)
+    text_encoder = build_component(
+        "text_encoder", _component_cfg(config, "text_encoder", folder, where), where
+    )
+    return vae, text_encoder, defaults
+
+
+def build_model(config: dict, where: str, folder: Path | None = None) -> tuple:
+    """(dit, vae, text_encoder, defaults) from a model-folder config.json dict, random weights.
+
+    `folder`: where the component folders' own config.json files are read from.
+    """
+    vae, text_encoder, defaults = _components(config, where, folder)
+    dit = build_dit(config["dit"], where)
+    _check_compatible(dit, vae, text_encoder, where)
+    return dit, vae, text_encoder, defaults
+
+
+def _load_assets(module, folder: Path, where: str) -> None:
+    # Files a component keeps beside its weights (the umT5 tokenizer.json).
+    if hasattr(module, "load_assets"):
+        try:
+            module.load_assets(folder)
+        except S2DiTError as err:
+            raise S2DiTError(f"{where}: {err}") from None
+
+
+def load_component(kind: str, folder: str | os.PathLike, where: str | None = None) -> nn.Module:
+    """A component folder (RUN/vae of train.vae, a model folder's vae/ or text_encoder/)."""
+    folder = Path(folder)
+    where = where or f"{kind} folder {folder}"
+    if not folder.is_dir():
+        raise S2DiTError(f"{where}: no such folder")
+    module = build_component(kind, read_json(folder / CONFIG_NAME, where), where)
+    load_weights_strict(module, folder / WEIGHTS_NAME, where)
+    _load_assets(module, folder, where)
+    return module
+
+
+def _load_dit(config: dict, path: Path, where: str, dit: nn.Module | None = None) -> nn.Module:
+    """The DiT of a folder (into `dit` when given): one S2DiT, or a Wan2.2 A14B's two experts."""
+    quantization = _check_quantization(config.get("quantization"), where)
+    experts = _check_experts(config.get("experts"), where)
+    dit = dit if dit is not None else build_dit(config["dit"], where)
+    load_weights_strict(dit, path / WEIGHTS_NAME, where, WEIGHTS_NAME, quantization)
+    if experts is None:
+        return dit
+    # Wan2.2 A14B: `dit` is the high-noise expert, the low-noise one sits in a subfolder.
+    from .models.wan import WanExperts
+
+    low = build_dit(config["dit"], where)
+    sub = experts["low_noise"] + "/"
+    load_weights_strict(low, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME, quantization)
+    return WanExperts(dit, low, experts["boundary"], tuple(experts["guidance"]))
+
+
+def load_dit(path_or_hub_id: str | os.PathLike) -> nn.Module:
+    """Only the DiT of a model folder (e.g. one converted with `--only dit`)."""
+    path = resolve_model_path(path_or_hub_id)
+    where = f"model folder {os.fspath(path_or_hub_id)}"
+    config = read_json(path / CONFIG_NAME, where)
+    if "dit" not in config:
+        raise S2DiTError(f'{where}: config.json has no "dit" entry')
+    return _load_dit(config, path, where)
+
+
 def load_model(path_or_hub_id: str | os.PathLike) -> ModelBundle:
     """Load a model folder (local path or hub id) strictly into a ModelBundle."""
     path = resolve_model_path(path_or_hub_id)
     where = f"model folder {os.fspath(path_or_hub_id)}"
-    config = _read_json(path / CONFIG_NAME, where)
-    model_type = config.get("model_type", "s2dit")
-    if model_type != "s2dit":
-        raise S2DiTError(f"{where}: model_type {model_type!r} is not supported (expected 's2dit')")
-    for kind in ("dit", "vae", "text_encoder"):
-        if kind not in config:
-            raise S2DiTError(f'{where}: config.json has no "{kind}" entry')
-    defaults = _check_defaults(config.get("defaults"), where)
-
+    config = read_json(path / CONFIG_NAME, where)
+    dit, vae, text_encoder, defaults = build_model(config, where, path)
     quantization = _check_quantization(config.get("quantization"), where)
-    experts = _check_experts(config.get("experts"), where)
-    dit = _build_dit(config["dit"], where)
-    components = {}
-    for kind in ("vae", "text_encoder"):
-        # The component folder's own config.json is authoritative; the top-level entry names
-        # its type and fills in anything the folder's config leaves out.
-        cfg = config[kind]
-        sub = path / kind / CONFIG_NAME
-        if sub.is_file():
-            sub_cfg = _read_json(sub, where)
-            cfg = {**cfg, **sub_cfg} if isinstance(cfg, dict) else sub_cfg
-        components[kind] = _build_component(kind, cfg, where)
-    vae, text_encoder = components["vae"], components["text_encoder"]
-    _check_compatible(dit, vae, text_encoder, where)
-
-    for module, sub in ((dit, ""), (vae, "vae/"), (text_encoder, "text_encoder/")):
-        load_weights_strict(
-            module, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME, quantization
-        )
-    if experts is not None:
-        # Wan2.2 A14B: `dit` is the high-noise expert, the low-noise one sits in a subfolder.
-        from .models.wan import WanExperts
-
-        low = _build_dit(config["dit"], where)
-        sub = experts["low_noise"] + "/"
-        load_weights_strict(low, path / sub / WEIGHTS_NAME, where, sub + WEIGHTS_NAME, quantization)
-        dit = WanExperts(dit, low, experts["boundary"], tuple(experts["guidance"]))
-    for kind, module in components.items():
-        # Files a component keeps beside its weights (the umT5 tokenizer.json).
-        if hasattr(module, "load_assets"):
-            try:
-                module.load_assets(path / kind)
-            except S2DiTError as err:
-                raise S2DiTError(f"{where}: {err}") from None
+    dit = _load_dit(config, path, where, dit)
+    for module, kind in ((vae, "vae"), (text_encoder, "text_encoder")):
+        sub = kind + "/"
+        file = path / sub / WEIGHTS_NAME
+        load_weights_strict(module, file, where, sub + WEIGHTS_NAME, quantization)
+        _load_assets(module, path / kind, where)
     return ModelBundle(
         dit=dit,
         vae=vae,
@@ -461,7 +526,7 @@ def save_model(
     (fsutil's output rule).
     """
     target = Path(path).expanduser()
-    merged = _check_defaults(defaults or {}, f"model folder {target}")
+    merged = check_defaults(defaults or {}, f"model folder {target}")
     vae_cfg, text_cfg = _component_config(vae), _component_config(text_encoder)
     config = {
         "model_type": "s2dit",

@@ -27,7 +27,8 @@ from wan_tiny import official_wan_module
 from convert import wan as convert_wan
 from convert.weights import SafetensorsFile, read_pth
 from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.models.wan import WanExperts, load_wan_dit
+from s2dit_mlx.loading import load_dit
+from s2dit_mlx.models.wan import WanExperts
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -184,14 +185,14 @@ def rel_err(a, b) -> float:
 
 
 def test_both_layouts_give_identical_weights(converted):
-    a = flat(load_wan_dit(converted["official"]))
-    b = flat(load_wan_dit(converted["diffusers"]))
+    a = flat(load_dit(converted["official"]))
+    b = flat(load_dit(converted["diffusers"]))
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
 def test_converted_model_matches_diffusers(converted, checkpoints):
-    model = load_wan_dit(converted["diffusers"])
+    model = load_dit(converted["diffusers"])
     x, t, context = inputs()
     ref = run_diffusers(checkpoints["diffusers_model"], x, t, context)
     err = rel_err(run_ours(model, x, t, context), ref)
@@ -222,11 +223,11 @@ def test_quantized_conversion_loads_and_runs(checkpoints, converted, tmp_path, b
     assert report.components[0].quantized == 10 * TINY["num_layers"]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": bits}
-    model = load_wan_dit(out)
+    model = load_dit(out)
     assert type(model.blocks[0].ffn[0]).__name__ == "QuantizedLinear"
     assert flat(model)["blocks.0.ffn.0.weight"].dtype == mx.uint32
     x, t, context = inputs()
-    full = run_ours(load_wan_dit(converted["diffusers"]), x, t, context)
+    full = run_ours(load_dit(converted["diffusers"]), x, t, context)
     err = rel_err(run_ours(model, x, t, context), full)
     assert 0 < err <= tol, f"{bits}-bit relative error {err:.2e}"
 
@@ -238,14 +239,14 @@ def test_bf16_and_sharded_output(checkpoints, converted, tmp_path):
     )
     files = report.components[0].files
     assert "model.safetensors.index.json" in files and len(files) > 3
-    model = load_wan_dit(out)
+    model = load_dit(out)
     weights = flat(model)
     assert weights["blocks.0.self_attn.q.weight"].dtype == mx.bfloat16
     # the time MLP and the modulation tables stay float32
     assert weights["time_embedding.0.weight"].dtype == mx.float32
     assert weights["blocks.1.modulation"].dtype == mx.float32
     x, t, context = inputs()
-    full = run_ours(load_wan_dit(converted["official"]), x, t, context)
+    full = run_ours(load_dit(converted["official"]), x, t, context)
     assert rel_err(run_ours(model, x, t, context), full) <= 3e-2
 
 
@@ -267,7 +268,7 @@ def test_two_expert_checkpoints(tmp_path):
             "guidance": [3.0, 4.0],
             "low_noise": "low_noise",
         }
-        models[layout] = load_wan_dit(out)
+        models[layout] = load_dit(out)
         assert isinstance(models[layout], WanExperts)
     for expert in ("high_noise", "low_noise"):
         a = flat(getattr(models["diffusers"], expert))

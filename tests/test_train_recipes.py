@@ -5,7 +5,7 @@ import json
 import pytest
 
 from s2dit_mlx.fsutil import atomic_dir
-from s2dit_mlx.loading import _build_component
+from s2dit_mlx.loading import build_component
 from train import vae as train_vae
 
 
@@ -24,7 +24,7 @@ def test_vae_recipe_writes_a_loadable_component(tmp_path, arch, extra):
     cfg = json.loads((out / "vae" / "config.json").read_text())
     assert cfg["type"] == arch
     assert len(cfg["latents_mean"]) == 4 and all(s > 0 for s in cfg["latents_std"])
-    vae = _build_component("vae", cfg, "test")
+    vae = build_component("vae", cfg, "test")
     vae.load_weights(str(out / "vae" / "model.safetensors"))  # strict: every weight present
     assert (out / "loss.png").is_file()
 

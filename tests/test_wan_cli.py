@@ -73,7 +73,8 @@ def test_converted_folder_records_wan_defaults(folders, layout):
     config = json.loads((folders[layout] / "config.json").read_text(encoding="utf-8"))
     assert config["wan"]["source_layout"] == layout and config["wan"]["preset"] is None
     defaults = config["defaults"]
-    assert defaults == FALLBACK
+    # The published defaults, plus the DiT's compute dtype: the dtype it was stored in.
+    assert defaults == {**FALLBACK, "dtype": "bfloat16"}
     assert set(defaults) == set(DEFAULTS)  # every setting a model folder can carry
     assert defaults["negative_prompt"] == WAN_NEGATIVE_PROMPT
     assert (defaults["mode"], defaults["solver"]) == ("bidirectional", "unipc")

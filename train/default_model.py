@@ -114,11 +114,9 @@ from s2dit_mlx.data.shapes import (
 )
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
-from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_component, load_model, save_model
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
-from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
 
 from .palette import PALETTE_BITS
@@ -126,7 +124,6 @@ from .palette import PALETTE_BITS
 LATENTS_ENV = "S2DIT_DEFAULT_LATENTS"
 BACKGROUND_DROPOUT_ENV = "S2DIT_DEFAULT_BACKGROUND_DROPOUT"
 LONG_MIX_ENV = "S2DIT_DEFAULT_LONG_MIX"  # JSON {"path", "every", "batch"} of --long-clips
-VAE_TYPES = {"wan": (WanVAEConfig, WanVAE), "patch": (PatchVAEConfig, PatchVAE)}
 SIZE, FPS, CLIP_FRAMES = 64, 16, 33  # 64x64, 2-second training clips (9 latent frames)
 
 DEFAULTS = {
@@ -146,6 +143,8 @@ DEFAULTS = {
     "negative_prompt": "",
     "mode": "streaming",
     "solver": "euler",
+    # float16 weights (half the download), float32 compute
+    "dtype": "float32",
 }
 
 
@@ -325,12 +324,8 @@ def build_init(
     mx.random.seed(seed)
     text_encoder = UMT5TextEncoder(te_cfg)
     text_encoder.set_tokenizer(Tokenizer.from_file(out / "tokenizer.json", text_len=16))
-    cfg = json.loads((vae_dir / "config.json").read_text())
-    config_cls, model_cls = VAE_TYPES[cfg["type"]]
-    vae_cfg = config_cls.from_dict(cfg)
-    vae = model_cls(vae_cfg)
-    vae.load_weights(str(vae_dir / "model.safetensors"))
-    args = dit_args(vae_cfg.z_dim, te_cfg.d_model)
+    vae = load_component("vae", vae_dir)
+    args = dit_args(vae.z_dim, te_cfg.d_model)
     if sink is not None:
         args.sink = sink
     dit = S2DiT(args)
@@ -390,20 +385,10 @@ def check_init_folder(model_dir: Path) -> None:
 
 def check_vae_folder(vae_dir: Path, clip_frames: Iterable[int]) -> None:
     """S2DiTError unless `vae_dir` is a VAE component folder that encodes clips this long."""
-    from s2dit_mlx.loading import CONFIG_NAME, WEIGHTS_NAME, _read_json, load_weights_strict
-
     where = f"--vae {vae_dir}"
     if not vae_dir.is_dir():
         raise S2DiTError(f"{where}: no such folder (give RUN_DIR/vae of a train.vae run)")
-    cfg = _read_json(vae_dir / CONFIG_NAME, where)
-    if cfg.get("type") not in VAE_TYPES:
-        raise S2DiTError(f"{where}: unknown VAE type {cfg.get('type')!r} (known: wan, patch)")
-    config_cls, model_cls = VAE_TYPES[cfg["type"]]
-    try:
-        vae = model_cls(config_cls.from_dict(cfg))
-    except S2DiTError as err:
-        raise S2DiTError(f"{where}: {err}") from None
-    load_weights_strict(vae, vae_dir / WEIGHTS_NAME, where)
+    vae = load_component("vae", vae_dir, where)
     tf = vae.temporal_factor
     for frames in clip_frames:
         if (frames - 1) % tf:

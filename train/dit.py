@@ -369,32 +369,13 @@ def _build_from_config(path: str, seed: int):
     Component folders beside the config (vae/, text_encoder/) complete it as in a model folder;
     files a component keeps there (the umT5 tokenizer.json) are read from them.
     """
-    from s2dit_mlx.loading import (
-        CONFIG_NAME,
-        _build_component,
-        _build_dit,
-        _check_compatible,
-        _check_defaults,
-        _read_json,
-    )
+    from s2dit_mlx.loading import build_model, read_json
 
     where = f"config {path}"
     folder = Path(path).parent
-    cfg = _read_json(Path(path), where)
-    for kind in ("dit", "vae", "text_encoder"):
-        if kind not in cfg:
-            raise S2DiTError(f'{where}: no "{kind}" entry')
     mx.random.seed(seed)
-    dit = _build_dit(cfg["dit"], where)
-    components = {}
-    for kind in ("vae", "text_encoder"):
-        sub_cfg, sub = cfg[kind], folder / kind / CONFIG_NAME
-        if isinstance(sub_cfg, dict) and sub.is_file():
-            sub_cfg = {**sub_cfg, **_read_json(sub, where)}
-        components[kind] = _build_component(kind, sub_cfg, where)
-    vae, text_encoder = components["vae"], components["text_encoder"]
-    _check_compatible(dit, vae, text_encoder, where)
-    for kind, module in components.items():
+    dit, vae, text_encoder, defaults = build_model(read_json(Path(path), where), where, folder)
+    for kind, module in (("vae", vae), ("text_encoder", text_encoder)):
         if hasattr(module, "load_assets"):
             try:
                 module.load_assets(folder / kind)
@@ -404,7 +385,7 @@ def _build_from_config(path: str, seed: int):
                     "copy that folder there, or start from the model folder with --model)"
                 ) from None
     mx.eval(dit.parameters(), vae.parameters(), text_encoder.parameters())
-    return dit, vae, text_encoder, _check_defaults(cfg.get("defaults"), where)
+    return dit, vae, text_encoder, defaults
 
 
 def _load_components(args: argparse.Namespace):

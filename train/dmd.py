@@ -29,8 +29,9 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,13 +40,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx import rng
 from s2dit_mlx.cli_args import Parser
+from s2dit_mlx.config import ConfigBase
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.generation import SeededNoise
 
 
 @dataclass
-class DMDConfig:
+class DMDConfig(ConfigBase):
     """Settings of a DMD run."""
+
+    config_name: ClassVar[str] = "DMD config"
 
     points: tuple[float, ...]  # the generator's few-step timesteps, 1000 first
     frames: int  # latent frames per rollout
@@ -65,14 +69,6 @@ class DMDConfig:
     t_max: float = 980.0
     score_chunk_frames: int | None = None  # block-causal score passes (streaming teacher)
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DMDConfig:
-        """From a dict (checkpoint state), ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.points = tuple(cfg.points)
-        return cfg
 
     def validate(self) -> None:
         """Raise S2DiTError naming the first bad setting."""
@@ -326,7 +322,7 @@ class DMD:
 
     def state_dict(self) -> dict:
         """The JSON part of a checkpoint."""
-        return {"step": self.step, "config": asdict(self.cfg), "history": self.history}
+        return {"step": self.step, "config": self.cfg.to_dict(), "history": self.history}
 
     def load(self, arrays: dict, state: dict, where: str) -> None:
         """Restore what `arrays()` / `state_dict()` saved."""

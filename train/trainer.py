@@ -27,9 +27,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +39,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from s2dit_mlx import rng
+from s2dit_mlx.config import ConfigBase
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.validate import check_field_types
 
@@ -58,8 +60,10 @@ SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Optimisation and bookkeeping settings of a run."""
+
+    config_name: ClassVar[str] = "train config"
 
     steps: int = 1000  # optimizer updates
     batch_size: int = 1  # global samples per micro-batch, split evenly over processes
@@ -81,14 +85,6 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     skip_nonfinite: int = 0  # steps with a non-finite loss/gradient to skip before stopping
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        check_field_types(config, "train config")
-        return config
 
     def validate(self) -> None:
         """Raise S2DiTError naming the first bad setting."""
@@ -428,7 +424,7 @@ class Trainer:
             "loss_history": self.losses,
             "skipped_steps": self.skipped,
             "weights": "float32 masters",
-            "config": asdict(cfg),
+            "config": cfg.to_dict(),
             "fingerprint": self.fingerprint,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -8,11 +8,13 @@ the end of a prompt are zeros.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..validate import check_field_types
 
@@ -22,8 +24,10 @@ VOCAB_SIZE = 258
 
 
 @dataclass
-class ByteTextEncoderConfig:
+class ByteTextEncoderConfig(ConfigBase):
     """Config of the byte text encoder (the `text_encoder` entry, type "byte")."""
+
+    config_name: ClassVar[str] = "byte text encoder config"
 
     type: str = "byte"
     dim: int = 64
@@ -32,18 +36,6 @@ class ByteTextEncoderConfig:
     mlp_ratio: int = 4
     max_len: int = 64  # ids per prompt, EOS included; longer prompts are cut
     eps: float = 1e-6
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ByteTextEncoderConfig:
-        """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        check_field_types(config, "byte text encoder config")
-        return config
-
-    def to_dict(self) -> dict:
-        """The JSON-ready dict saved in config.json."""
-        return asdict(self)
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""

@@ -19,12 +19,14 @@ the last of the 4 decoded frames (decode), so one set of weights serves both cas
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import ConvHistories, ConvHistory
+from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..kernels.cpu import silu
 from ..validate import check_field_types
@@ -32,8 +34,10 @@ from .interfaces import StreamingDecoder
 
 
 @dataclass
-class PatchVAEConfig:
+class PatchVAEConfig(ConfigBase):
     """Config of the patch VAE (the `vae` entry of a model folder, type "patch")."""
+
+    config_name: ClassVar[str] = "patch VAE config"
 
     type: str = "patch"
     z_dim: int = 16
@@ -48,18 +52,6 @@ class PatchVAEConfig:
     # Latents are stored normalised: z_norm = (z - mean) / std, per channel (as Wan does).
     latents_mean: list[float] = field(default_factory=list)
     latents_std: list[float] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PatchVAEConfig:
-        """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        check_field_types(config, "patch VAE config")
-        return config
-
-    def to_dict(self) -> dict:
-        """The JSON-ready dict saved in config.json."""
-        return asdict(self)
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""

@@ -10,23 +10,26 @@ so a student can be initialised from a teacher by name.
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import TokenLayout, attention_kind
 from ..cache import StreamCache
+from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..validate import check_field_types
 from .layers import GeluTanh, Linear, attention
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(ConfigBase):
     """Configuration of an S2DiT (defaults: Wan-1.3B widths with a sandwich of LCHA and SSA)."""
+
+    config_name: ClassVar[str] = "dit config"
 
     model_type: str = "s2dit"
     in_dim: int = 16
@@ -66,22 +69,10 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelArgs:
-        """Build from a config dict, ignoring keys this class does not know (as mlx-lm does)."""
-        known = inspect.signature(cls).parameters
-        args = cls(**{k: v for k, v in params.items() if k in known})
-        check_field_types(args, "dit config")
-        args.patch_size = tuple(args.patch_size)
-        args.lcha_conv_kernel = tuple(args.lcha_conv_kernel)
-        args.layers = list(args.layers)
+        """Build from a config dict (ConfigBase: unknown keys ignored, fields type-checked)."""
+        args = super().from_dict(params)
         args.validate()
         return args
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        d["lcha_conv_kernel"] = list(self.lcha_conv_kernel)
-        return d
 
     @property
     def head_dim(self) -> int:

@@ -20,14 +20,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..tokenizer import CLEAN_MODES, Tokenizer
@@ -49,8 +51,10 @@ _FEED_FORWARD = {
 
 
 @dataclass
-class UMT5Config:
+class UMT5Config(ConfigBase):
     """umT5 encoder config; field names follow transformers' UMT5Config (defaults: umT5-XXL)."""
+
+    config_name: ClassVar[str] = "umT5 config"
 
     type: str = "umt5"
     vocab_size: int = 256384
@@ -73,20 +77,11 @@ class UMT5Config:
     pad_token: str = "<pad>"
 
     @classmethod
-    def from_dict(cls, d: dict) -> UMT5Config:
-        """Build from a dict (ours or a transformers config.json), ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        # A transformers T5 config.json says model_type "t5": its encoder shares the bias table.
+    def adapt(cls, d: dict) -> dict:
+        """A transformers T5 config.json says model_type "t5": its encoder shares the bias table."""
         if d.get("model_type") == "t5" and "shared_relative_bias" not in d:
-            kwargs["shared_relative_bias"] = True
-        config = cls(**kwargs)
-        check_field_types(config, "umT5 config")
-        return config
-
-    def to_dict(self) -> dict:
-        """The JSON-ready dict saved in config.json."""
-        return asdict(self)
+            return {**d, "shared_relative_bias": True}
+        return d
 
     def validate(self) -> None:
         """Raise S2DiTError on an inconsistent config."""

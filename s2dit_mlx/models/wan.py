@@ -10,18 +10,16 @@ to Wan checkpoints:
 - `args_from_wan_config` / `args_from_diffusers_config`: ModelArgs from either config.json;
 - `sanitize`: diffusers (`WanTransformer3DModel`) or original names and PyTorch conv layouts
   mapped onto ours;
-- `WanExperts`: Wan2.2 A14B's high-noise / low-noise expert switch with per-expert guidance;
-- `load_wan_dit`: the DiT (or both experts) of a converted folder: sharded and quantized
-  weights (`read_folder_weights`, `quantize_like`), as `python -m convert.wan` writes them.
+- `WanExperts`: Wan2.2 A14B's high-noise / low-noise expert switch with per-expert guidance.
+
+Converted folders (sharded, quantized, two experts) load through s2dit_mlx.loading
+(`load_model`, or `load_dit` for the DiT alone).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -412,84 +410,4 @@ class WanExperts(nn.Module):
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Converted model folders (python -m convert.wan): sharded, optionally quantized weights
-
 EXPERTS_KEY = "experts"  # config.json entry of a two-expert (A14B) folder
-
-
-def read_folder_weights(folder: str | os.PathLike, stem: str = "model") -> dict[str, mx.array]:
-    """`stem.safetensors`, or every shard named in `stem.safetensors.index.json`."""
-    folder = Path(folder)
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise S2DiTError(f"{folder}: {index.name} is not a valid shard index ({err})") from None
-    else:
-        files = [f"{stem}.safetensors"]
-    weights: dict[str, mx.array] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise S2DiTError(f"{folder}: weights file {name} is missing")
-        try:
-            weights.update(mx.load(str(path), format="safetensors"))
-        except Exception as err:  # mlx raises RuntimeError/ValueError for corrupt files
-            msg = " ".join(str(err).split())
-            raise S2DiTError(
-                f"{folder}: {name} is not a readable safetensors file ({msg})"
-            ) from None
-    return weights
-
-
-def quantize_like(module: nn.Module, weights: dict, quantization: dict | None) -> None:
-    """Turn the Linear layers whose weights carry `.scales` into QuantizedLinear (as mlx-lm)."""
-    if not quantization:
-        return
-    nn.quantize(
-        module,
-        group_size=quantization["group_size"],
-        bits=quantization["bits"],
-        class_predicate=lambda path, m: isinstance(m, nn.Linear) and f"{path}.scales" in weights,
-    )
-
-
-def load_module_weights(module: nn.Module, weights: dict, where: str) -> None:
-    """Strict load: any missing, unexpected or mis-shaped weight is one S2DiTError line."""
-    try:
-        module.load_weights(list(weights.items()), strict=True)
-    except ValueError as err:
-        raise S2DiTError(f"{where}: {' '.join(str(err).split())}") from None
-    mx.eval(module.parameters())
-
-
-def load_wan_dit(path: str | os.PathLike, config: dict | None = None) -> S2DiT | WanExperts:
-    """The DiT of a converted model folder; both experts as WanExperts for a two-expert one."""
-    path = Path(path)
-    if config is None:
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise S2DiTError(f"model folder {path}: cannot read config.json ({err})") from None
-    args = ModelArgs.from_dict(config["dit"])
-    quantization = config.get("quantization")
-
-    def load_one(folder: Path) -> S2DiT:
-        weights = read_folder_weights(folder)
-        model = S2DiT(args)
-        quantize_like(model, weights, quantization)
-        load_module_weights(model, weights, f"model folder {folder}")
-        return model
-
-    experts = config.get(EXPERTS_KEY)
-    if not experts:
-        return load_one(path)
-    return WanExperts(
-        load_one(path),
-        load_one(path / experts["low_noise"]),
-        boundary=experts["boundary"],
-        guidance=tuple(experts["guidance"]),
-    )

@@ -22,13 +22,15 @@ first frame (Wan treats that frame specially in its temporal down/up-samplers).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..cache import ConvHistories, ConvHistory
+from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import silu
@@ -70,12 +72,14 @@ _CONV_UNFOLD_BUDGET = 64 * 1024 * 1024
 
 
 @dataclass
-class WanVAEConfig:
+class WanVAEConfig(ConfigBase):
     """Config of a Wan VAE (the `vae` entry of a model folder, type "wan").
 
     Defaults are the Wan 2.1 architecture with identity latent normalisation; use
     `WanVAEConfig.wan21()` / `.wan22()` for the published VAEs.
     """
+
+    config_name: ClassVar[str] = "Wan VAE config"
 
     type: str = "wan"
     # "2.1": plain residual stacks; "2.2": residual down/up blocks with avg/dup shortcuts
@@ -117,14 +121,6 @@ class WanVAEConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> WanVAEConfig:
-        """Build from a dict, ignoring unknown keys (like mlx-lm's ModelArgs)."""
-        names = {f.name for f in fields(cls)}
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        check_field_types(config, "Wan VAE config")
-        return config
-
-    @classmethod
     def from_diffusers_config(cls, d: dict) -> WanVAEConfig:
         """Build from a diffusers `AutoencoderKLWan` config.json dict."""
         base = cls()
@@ -141,10 +137,6 @@ class WanVAEConfig:
             latents_mean=list(d.get("latents_mean", WAN21_LATENTS_MEAN)),
             latents_std=list(d.get("latents_std", WAN21_LATENTS_STD)),
         )
-
-    def to_dict(self) -> dict:
-        """The JSON-ready dict saved in config.json."""
-        return asdict(self)
 
     @property
     def dec_dim(self) -> int:

@@ -77,6 +77,10 @@ def load_source(spec: str, **options) -> DataSource:
     """
     if spec == "shapes":
         return shapes_source(**options)
+    if spec.startswith("cache:"):
+        from .kd import cache_source
+
+        return cache_source(spec[len("cache:") :], seed=options.get("seed", 0))
     if ":" not in spec:
         raise S2DiTError(f"unknown data source {spec!r}: use 'shapes' or 'package.module:function'")
     mod_name, fn_name = spec.split(":", 1)

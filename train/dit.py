@@ -44,10 +44,12 @@ from s2dit_mlx.cli_args import (
 )
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
+from s2dit_mlx.sampling import few_step_timesteps
 
 from .checkpoint import latest_checkpoint
 from .data import VideoEncoder, load_source
 from .flow import T_DISTS, FlowConfig, FlowModel, make_flow_loss
+from .kd import make_ode_loss
 from .lora import DEFAULT_LAYERS, LoRAConfig, apply_lora, save_adapters, weights_hash
 from .palette import PALETTE_BITS, palette_aware_loss, palette_targets, snap_weights
 from .trainer import SCHEDULES, TrainConfig, Trainer, write_run_config
@@ -96,9 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder (checkpoints, plots, samples, result)",
     )
 
+    g.add_argument(
+        "--init-from",
+        metavar="TEACHER",
+        help="with --config: take the VAE and text encoder of this teacher model folder, and "
+        "initialise the DiT from the teacher's by parameter name (writes RUN_DIR/init_report.json)",
+    )
+    g.add_argument(
+        "--layer-map",
+        default="uniform",
+        metavar="MAP",
+        help="which teacher block each student block reads with --init-from: uniform, first, "
+        "or teacher block indices like 0,6,12",
+    )
+
     g = p.add_argument_group("data")
     g.add_argument(
-        "--data", default="shapes", metavar="SOURCE", help="'shapes' or 'package.module:function'"
+        "--data",
+        default="shapes",
+        metavar="SOURCE",
+        help="'shapes', 'cache:DIR' (a teacher cache of train.teacher_cache: its x0 and text "
+        "context) or 'package.module:function'",
     )
     g.add_argument(
         "--frames",
@@ -121,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("objective")
+    g.add_argument(
+        "--objective",
+        choices=("flow", "ode"),
+        default="flow",
+        help="flow: flow matching on the clips (or a teacher cache's x0: many-step KD); ode: "
+        "causal ODE regression on a teacher cache's trajectories at the few-step points of "
+        "--ode-steps/--ode-shift (the few-step initialisation; the saved model samples few-step "
+        "without guidance)",
+    )
+    g.add_argument(
+        "--ode-steps",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="with --objective ode: the student's few-step count",
+    )
+    g.add_argument(
+        "--ode-shift",
+        type=positive_float,
+        metavar="S",
+        help="with --objective ode: the student's timestep shift (default: the teacher cache's)",
+    )
     g.add_argument(
         "--mode",
         choices=("bidirectional", "streaming"),
@@ -404,14 +446,57 @@ def _load_components(args: argparse.Namespace):
         b = load_model(init)
         return b.dit, b.vae, b.text_encoder, b.defaults, str(init), None
     # Every process builds the same random start (same seed); rank 0 saves it once checked.
-    dit, vae, te, defaults = _build_from_config(args.config, args.seed)
+    if args.init_from:
+        dit, vae, te, defaults = _student_from_teacher(args)
+    else:
+        dit, vae, te, defaults = _build_from_config(args.config, args.seed)
     return dit, vae, te, defaults, str(init), init
+
+
+def _student_from_teacher(args: argparse.Namespace):
+    """A student DiT from --config's "dit" entry, initialised from --init-from by name, with
+    the teacher's VAE, text encoder and defaults (the latents and text a cache was made in)."""
+    from s2dit_mlx.loading import build_dit, load_model, read_json
+    from s2dit_mlx.transfer import init_from
+
+    where = f"config {args.config}"
+    cfg = read_json(Path(args.config), where)
+    teacher = load_model(args.init_from)
+    mx.random.seed(args.seed)
+    dit = build_dit(cfg.get("dit", cfg), where)
+    report = init_from(dit, teacher.dit, _layer_map(args.layer_map))
+    args._init_report = report  # written into the run folder once every check passed
+    mx.eval(dit.parameters())
+    return dit, teacher.vae, teacher.text_encoder, dict(teacher.defaults)
+
+
+def _layer_map(text: str):
+    """'uniform', 'first' or comma-separated teacher block indices."""
+    if text in ("uniform", "first"):
+        return text
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise S2DiTError(
+            f"--layer-map takes uniform, first or teacher block indices like 0,6,12; got {text!r}"
+        ) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """The checks that need no model; S2DiTError before anything is loaded or written."""
     if bool(args.model) == bool(args.config):
         raise S2DiTError("give exactly one of --model DIR or --config JSON")
+    if args.init_from and not args.config:
+        raise S2DiTError("--init-from initialises a new student: give it with --config JSON")
+    if args.objective == "ode" and not args.data.startswith("cache:"):
+        raise S2DiTError(
+            "--objective ode regresses a teacher cache's trajectories: --data cache:DIR"
+        )
+    if args.objective == "ode" and (args.lora or args.palette_bits or args.train_text_encoder):
+        raise S2DiTError(
+            "--objective ode trains all DiT weights (not with --lora, --palette-bits "
+            "or --train-text-encoder)"
+        )
     if args.palette_bits and (args.lora or args.palette_bits not in PALETTE_BITS):
         raise S2DiTError("--palette-bits takes 1..8 and trains all weights (not with --lora)")
     if args.lora:
@@ -568,6 +653,18 @@ def run(args: argparse.Namespace) -> Trainer:
     flow_cfg.validate()
     source = load_source(args.data, seed=args.seed, frames=frames, height=height, width=width)
     _check_source(source, args.data, frames, height, width, dit.args.in_dim)
+    ode_positions = None
+    if args.data.startswith("cache:"):
+        # A teacher's outputs already carry its guidance: the student samples without CFG.
+        defaults = {**defaults, "guidance": 1.0}
+    if args.objective == "ode":
+        # The student's few-step points must lie on the teacher's kept steps.
+        spec = source.cache.spec
+        shift = args.ode_shift if args.ode_shift is not None else spec.shift
+        points = few_step_timesteps(args.ode_steps, shift)
+        ode_positions = source.cache.check_points(points)
+        defaults = {**defaults, "solver": "few-step", "steps": args.ode_steps, "shift": shift,
+                    "guidance": 1.0, "mode": "streaming"}  # fmt: skip
 
     # All checked: from here on the run folder is written.
     if new_init is not None:
@@ -577,6 +674,9 @@ def run(args: argparse.Namespace) -> Trainer:
         if rank == 0:
             mark_run_dir(out, "train.dit")
             save_model(new_init, dit, vae, text_encoder, defaults=defaults)
+            report = getattr(args, "_init_report", None)
+            if report is not None:
+                report.save(out / "init_report.json")
         if world_size > 1:
             mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
 
@@ -598,7 +698,10 @@ def run(args: argparse.Namespace) -> Trainer:
     model = FlowModel(dit, text_encoder if args.train_text_encoder else None)
 
     train_cfg = _train_config(args)
-    loss_fn = make_flow_loss(flow_cfg)
+    if ode_positions is not None:
+        loss_fn = make_ode_loss(ode_positions, source.cache.spec)
+    else:
+        loss_fn = make_flow_loss(flow_cfg)
     if args.palette_bits:
         loss_fn = palette_aware_loss(loss_fn, args.palette_bits, palette_targets(dit))
     prepare = VideoEncoder(
@@ -622,7 +725,10 @@ def run(args: argparse.Namespace) -> Trainer:
     )
     if rank == 0:
         mark_run_dir(out, "train.dit")
-        write_run_config(out, {k: v for k, v in vars(args).items() if k not in _PER_CALL})
+        saved = {
+            k: v for k, v in vars(args).items() if k not in _PER_CALL and not k.startswith("_")
+        }
+        write_run_config(out, saved)
         n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         n_all = sum(v.size for _, v in tree_flatten(model.parameters()))
         what = "DiT and text-encoder" if args.train_text_encoder else "DiT"

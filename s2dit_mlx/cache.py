@@ -415,15 +415,40 @@ def register_cache_type(cls: type[Cache]) -> type[Cache]:
     return cls
 
 
+class TextCache:
+    """The text side of a stream: the embedded context and every block's cross-attention keys
+    and values, computed once per context (the prompt does not change within a stream) and
+    reused by every denoising and writing pass. Keyed by the context array's identity; never
+    saved or copied (it is recomputed from the context in one pass)."""
+
+    def __init__(self):
+        self.source: mx.array | None = None
+        self.embedded: mx.array | None = None
+        self.keys_values: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def embed(self, context: mx.array, embed) -> mx.array:
+        """`embed(context)`, computed once for this context."""
+        if context is not self.source:
+            self.source, self.embedded, self.keys_values = context, embed(context), {}
+        return self.embedded
+
+    def cross(self, layer: int, compute) -> tuple[mx.array, mx.array]:
+        """Layer `layer`'s cross-attention keys and values, computed once for this context."""
+        if layer not in self.keys_values:
+            self.keys_values[layer] = compute()
+        return self.keys_values[layer]
+
+
 class StreamCache:
     """The caches of every layer of a model, plus the latent frames written so far.
 
-    `frames` is the frame offset of the next chunk (its RoPE position).
+    `frames` is the frame offset of the next chunk (its RoPE position); `text` the TextCache.
     """
 
     def __init__(self, layers: list[Cache], frames: int = 0):
         self.layers = list(layers)
         self.frames = frames
+        self.text = TextCache()
 
     def arrays(self) -> list[mx.array]:
         """Every array held by every layer."""

@@ -148,13 +148,21 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=args.eps)
         self.norm_k = nn.RMSNorm(dim, eps=args.eps)
 
-    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        b, n, d = x.shape
-        q = self.norm_q(self.q(x)).reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
+    def keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        """The text's keys and values [B, H, L, D] (a stream computes them once: TextCache)."""
+        b, _, d = context.shape
         k = self.norm_k(self.k(context)).reshape(b, -1, self.num_heads, d // self.num_heads)
         v = self.v(context).reshape(b, -1, self.num_heads, d // self.num_heads)
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def __call__(
+        self, x: mx.array, context: mx.array, keys_values: tuple | None = None
+    ) -> mx.array:
+        b, n, d = x.shape
+        q = self.norm_q(self.q(x)).reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k, v = keys_values if keys_values is not None else self.keys_values(context)
         scale = 1.0 / math.sqrt(d // self.num_heads)
-        out = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale)
+        out = attention(q, k, v, scale)
         return self.o(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -173,9 +181,15 @@ class Block(nn.Module):
         self.modulation = mx.random.normal((1, 6, args.dim)) / math.sqrt(args.dim)
 
     def __call__(
-        self, x: mx.array, e: mx.array, context: mx.array, layout: TokenLayout
+        self,
+        x: mx.array,
+        e: mx.array,
+        context: mx.array,
+        layout: TokenLayout,
+        text_kv: tuple | None = None,
     ) -> mx.array:
-        # x: [B, T, S, dim]; e: [B, T, 6, dim] per-frame modulation (float32).
+        # x: [B, T, S, dim]; e: [B, T, 6, dim] per-frame modulation (float32); text_kv: the
+        # cross-attention's keys and values when a stream already computed them.
         mod = self.modulation.astype(mx.float32) + e
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i : i + 1] for i in range(6))
         b, t, s, d = x.shape
@@ -184,7 +198,7 @@ class Block(nn.Module):
         y = self.self_attn(h.reshape(b, t * s, d), layout).reshape(x.shape)
         x = (x + y * gate1).astype(dtype)
         h = x if self.norm3 is None else self.norm3(x)
-        x = x + self.cross_attn(h.reshape(b, t * s, d), context).reshape(x.shape)
+        x = x + self.cross_attn(h.reshape(b, t * s, d), context, text_kv).reshape(x.shape)
         h = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(dtype)
         fc1, gelu, fc2 = self.ffn
         h = fc2(gelu(fc1(h), fresh=True))  # fc1's output is new: GELU may overwrite it
@@ -295,12 +309,18 @@ class S2DiT(nn.Module):
         grid = tokens.shape[1:4]
         tokens = tokens.reshape(b, grid[0], grid[1] * grid[2], -1)
         e, e0 = self.embed_time(t, grid[0])
-        context = self.embed_text(context)
+        if cache is None:
+            context = self.embed_text(context)
+        else:  # the prompt is fixed within a stream: its text side is computed once
+            context = cache.text.embed(context, self.embed_text)
         offset = cache.frames if cache is not None else 0
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             layout = TokenLayout(grid, offset, chunk_frames, layer_cache, update_cache)
-            tokens = block(tokens, e0, context, layout)
+            text_kv = None
+            if cache is not None:
+                text_kv = cache.text.cross(i, lambda b=block: b.cross_attn.keys_values(context))
+            tokens = block(tokens, e0, context, layout, text_kv)
         if cache is not None and update_cache:
             cache.frames += grid[0]
         out = self.head(tokens, e)  # [B, T, S, out_dim * prod(patch)]

@@ -275,6 +275,18 @@ def analyse(video: np.ndarray) -> dict[str, Any]:
 analyze = analyse
 
 
+def object_track(video: np.ndarray) -> dict[str, np.ndarray]:
+    """Per frame of a uint8 [F, H, W, 3] clip: the object's centre (cx, cy) and area in pixels,
+    and whether an object is present at all (for diversity and motion statistics)."""
+    seg = _segment(_check_video(video))
+    return {
+        "cx": seg["cx"],
+        "cy": seg["cy"],
+        "area": seg["area"],
+        "present": seg["area"] >= seg["min_area"],
+    }
+
+
 def coherence(video: np.ndarray) -> float:
     """Fraction of frames showing exactly one object, continuous in size and place with the last."""
     video = _check_video(video)

@@ -776,6 +776,50 @@ def test_coreml_predict_with_state_matches_mlx(tiny, tmp_path_factory):  # pragm
 # Analytic cost (benchmarks/coreml.py) against the exported graph
 
 
+def _changed_slots(before, after, slot_tokens: int, slots: int) -> set[int]:
+    """Which slot regions of a [1, H, slots * n, D] key buffer differ between two snapshots."""
+    changed = set()
+    for s in range(slots):
+        region = slice(s * slot_tokens, (s + 1) * slot_tokens)
+        if not np.array_equal(before[:, :, region], after[:, :, region]):
+            changed.add(s)
+    return changed
+
+
+def test_manifest_and_mlx_caches_agree_slot_for_slot(tiny, tmp_path_factory):
+    """One schedule object: chunk c lands in ChunkSchedule.slot(c) in the MLX KV cache and in
+    the exported package's state, and the manifest states the same rule."""
+    from s2dit_mlx.cache import ChunkSchedule
+    from s2dit_mlx.coreml.verify import PackageDiT
+
+    dit, _, context, noise, _, _ = tiny
+    folder = exported(tiny, tmp_path_factory, "float32")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    schedule = ChunkSchedule(dit.args.window, dit.args.sink)
+    assert manifest["streaming"]["schedule"] == schedule.to_dict()
+    past = schedule.past_slots
+    layer = dit.args.layers.index("full")
+    n = 2 * (4 // 2) * (8 // 2)  # tokens of a 2-frame chunk at 4 x 8 latents, patch 2
+    package = PackageDiT(Package(folder / DIT_PACKAGE))
+    mlx_cache, pkg_cache = dit.make_cache(), package.make_cache()
+    ctx = mx.array(context)
+    for c, chunk_noise in enumerate(noise):
+        x = mx.array(chunk_noise[0])
+        t0 = mx.zeros((1,))
+        kv = mlx_cache.layers[layer]
+        before = None if kv.keys is None else np.array(kv.keys)
+        dit(x, t0, ctx, cache=mlx_cache, update_cache=True)
+        after = np.array(kv.keys)
+        before = np.zeros_like(after) if before is None else before
+        # The MLX buffer has one more slot: the scratch slot of the chunk being denoised.
+        mlx_changed = _changed_slots(before, after, n, past + 1) - {past}
+        state = pkg_cache.buffers[f"l{layer}_keys"].copy()
+        package(x, t0, ctx, cache=pkg_cache, update_cache=True)
+        pkg_changed = _changed_slots(state, pkg_cache.buffers[f"l{layer}_keys"], n, past)
+        want = {schedule.slot(c)}
+        assert mlx_changed == want and pkg_changed == want, (c, mlx_changed, pkg_changed)
+
+
 def test_analytic_cost_matches_exported_graph(tiny, tmp_path_factory):
     from s2dit_mlx.coreml import cost
     from s2dit_mlx.coreml.emit import dit_state_specs

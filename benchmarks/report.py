@@ -84,7 +84,7 @@ def quality_table(r: dict) -> list[str]:
     return [
         f"**Built-in model quality and speed** ({len(r['clips'])} random prompts and seeds, "
         f"{r['clip_frames']}-frame clips at {w}x{h}, {r['fps']} fps, read back by "
-        f"`s2dit_mlx.evaluate`; {s['mode']}, solver {s.get('solver', 'few-step')}, "
+        f"`s2dit_mlx.world.evaluate`; {s['mode']}, solver {s.get('solver', 'few-step')}, "
         f"{s['steps']} steps per chunk, shift {s['shift']:g}, CFG {s['guidance']:g}; "
         "`benchmarks/quality.py`)",
         "",

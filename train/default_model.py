@@ -1,7 +1,7 @@
 """`python -m train.default_model`: train the built-in default model from nothing.
 
 The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
-hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
+hours, on the procedural moving-shapes world (s2dit_mlx.world.shapes):
 
 1. a Unigram tokenizer (`tokenizers`) with one piece per word of every caption the world can
    produce (--tokenizer words, as the shipped model), or trained on them by tokenizers'
@@ -103,15 +103,6 @@ from s2dit_mlx.cli_args import (
     positive_int,
     probability,
 )
-from s2dit_mlx.data.shapes import (
-    BACKGROUNDS,
-    COLOURS,
-    MOTIONS,
-    SHAPES,
-    ShapesDataset,
-    caption,
-    parse_prompt,
-)
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
@@ -120,6 +111,15 @@ from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
+from s2dit_mlx.world.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    ShapesDataset,
+    caption,
+    parse_prompt,
+)
 
 from .palette import PALETTE_BITS
 

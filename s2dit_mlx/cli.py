@@ -383,6 +383,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The parser of the (sub)command `args` chose, e.g. `s2dit export coreml`'s."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) is None:
+            return parser
+        parser = sub.choices[getattr(args, sub.dest)]
+
+
 def _run_module(group: str, name: str, argv: list[str]) -> int:
     """`s2dit GROUP NAME ARGV`: the module's own main, its parser named `s2dit GROUP NAME`."""
     module = MODULE_COMMANDS[group][name][0]
@@ -398,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body() -> int:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command's own parser, so the hint is its --help
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help()
             return EXIT_ERROR

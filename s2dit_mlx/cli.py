@@ -383,7 +383,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
     """The parser of the (sub)command `args` chose, e.g. `s2dit export coreml`'s."""
     while True:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)

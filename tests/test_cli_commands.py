@@ -144,9 +144,11 @@ def test_unknown_command_is_one_line_and_exit_2(argv, expected):
     assert_user_error(code, err, 2, expected)
 
 
-@pytest.mark.parametrize("group", ["train", "convert", "export"])
-def test_group_lists_its_commands(group):
-    names = cli.MODULE_COMMANDS.get(group, {"coreml": None})
+@pytest.mark.parametrize(
+    ("group", "names"),
+    [*((g, list(n)) for g, n in cli.MODULE_COMMANDS.items()), ("export", ["coreml"])],
+)
+def test_group_lists_its_commands(group, names):
     code, out, _ = _s2dit([group, "--help"])
     assert code == 0 and out.startswith(f"usage: s2dit {group} ")
     assert all(name in out for name in names)

@@ -1,7 +1,7 @@
 """Prompt adherence and speed of a moving-shapes model (the built-in default by default).
 
 Writes benchmarks/results/quality.json:
-- 2-second clips for random prompts and seeds, each read back by s2dit_mlx.evaluate:
+- 2-second clips for random prompts and seeds, each read back by s2dit_mlx.world.evaluate:
   colour / shape / motion / all-three accuracy;
 - one 10-second streamed clip per prompt in a smaller set: the fraction of frames where the
   object stays one coherent object;
@@ -21,11 +21,11 @@ import numpy as np
 import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 # isort: split
-from s2dit_mlx.data.shapes import random_prompt
-from s2dit_mlx.evaluate import coherence, evaluate, summarise
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.sampling import SAMPLERS
+from s2dit_mlx.world.evaluate import coherence, evaluate, summarise
+from s2dit_mlx.world.shapes import random_prompt
 
 
 def _stat(fn, values: list[float]) -> float | None:

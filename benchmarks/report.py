@@ -1,7 +1,8 @@
-"""Render benchmarks/results/*.json as the README's tables.
+"""Render benchmarks/results/*.json: full tables for docs/benchmarks.md, a summary for the README.
 
-python benchmarks/report.py                  # print the tables
-python benchmarks/report.py --update-readme  # replace the block between the README markers
+python benchmarks/report.py                  # print the full tables
+python benchmarks/report.py --update-readme  # replace the blocks between the markers of
+                                             # README.md (summary) and docs/benchmarks.md (tables)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
+FULL = HERE.parent / "docs" / "benchmarks.md"
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -94,7 +96,7 @@ def quality_table(r: dict) -> list[str]:
     return [
         f"**Built-in model quality and speed** ({len(r['clips'])} random prompts and seeds, "
         f"{r['clip_frames']}-frame clips at {w}x{h}, {r['fps']} fps, read back by "
-        f"`s2dit_mlx.evaluate`; {s['mode']}, solver {s.get('solver', 'few-step')}, "
+        f"`s2dit_mlx.world.evaluate`; {s['mode']}, solver {s.get('solver', 'few-step')}, "
         f"{s['steps']} steps per chunk, shift {s['shift']:g}, CFG {s['guidance']:g}; "
         "`benchmarks/quality.py`)",
         "",
@@ -255,6 +257,151 @@ def render() -> str:
     return "\n\n".join(blocks)
 
 
+# ----------------------------------------------------------------------------------------------
+# The README's summary: one or two rows per benchmark, the figure a user asks about first
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def quality_summary(r: dict) -> list[tuple[str, str]]:
+    acc, (h, w) = r["accuracy"], r["size"]
+    return [
+        (
+            f"built-in model, {len(r['clips'])} random prompts (`quality.py`)",
+            f"colour {_pct(acc['colour'])}, shape {_pct(acc['shape'])}, motion "
+            f"{_pct(acc['motion'])}, all three {_pct(acc['all'])}; 10 s streams: "
+            f"{_pct(r['long_coherence_mean'])} of frames hold one coherent object",
+        ),
+        (
+            "built-in model speed",
+            f"{r['streaming_frames_per_s']:.1f} frames/s streaming at {w}x{h}; "
+            f"{r['seconds_per_clip']:.2f} s per 2 s clip",
+        ),
+    ]
+
+
+def streaming_summary(r: dict) -> list[tuple[str, str]]:
+    return [
+        (
+            f"streaming {r['chunks']} chunks (`streaming.py`)",
+            f"chunk {len(r['rows'])} / chunk 4 time {r['time_ratio_last_over_chunk4']:.2f}x; "
+            f"peak memory within {100 * r['peak_spread_from_chunk4']:.1f}% from chunk 4 on",
+        )
+    ]
+
+
+def attention_summary(r: dict) -> list[tuple[str, str]]:
+    row = r["rows"][len(r["rows"]) // 2]
+    return [
+        (
+            f"one attention layer, {row['tokens']} tokens (`attention.py`)",
+            f"full {row['full']['seconds']:.2f} s, lcha {row['lcha']['seconds']:.2f} s "
+            f"({row['full_over_lcha']:.1f}x faster), ssa {row['ssa']['seconds']:.2f} s "
+            f"({row['full_over_ssa']:.1f}x)",
+        )
+    ]
+
+
+def wan_vs_torch_summary(r: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "dit" in r:
+        ratios = ", ".join(
+            f"{row['torch_over_mlx']:.2f} at {row['tokens']} tokens" for row in r["dit"]["rows"]
+        )
+        rows.append(
+            (
+                f"Wan DiT forward vs PyTorch on {r['torch_threads']} thread"
+                f"{'' if r['torch_threads'] == 1 else 's'} (`wan_vs_torch.py`)",
+                f"torch time / MLX time {ratios}",
+            )
+        )
+    if "vae" in r:
+        rows.append(
+            (
+                "Wan2.1 VAE decode vs PyTorch",
+                f"torch time / MLX time {r['vae']['torch_over_mlx']:.2f}",
+            )
+        )
+    return rows
+
+
+def coreml_summary(r: dict) -> list[tuple[str, str]]:
+    psnr = ", ".join(
+        f"{m['precision'] if m['compression'] == 'none' else m['compression']} "
+        f"{m['dit_psnr_db']:.1f} dB"
+        for m in r["measured"]["modes"]
+        if m["precision"] == "float16"
+    )
+    return [("Core ML export, DiT PSNR vs MLX (`coreml.py`)", psnr)]
+
+
+def gemm_summary(r: dict) -> list[tuple[str, str]]:
+    res = r["results"]
+    n = max(res["mlx"]["gflops"], key=int)
+    return [
+        (
+            "fp32 GEMM (`gemm.py`)",
+            f"{res['mlx']['gflops'][n]:.0f} GFLOP/s at n = {n} (numpy "
+            f"{res['numpy']['gflops'][n]:.0f}, the wheel's reference BLAS "
+            f"{res['mlx_reference']['gflops'][n]:.1f})",
+        )
+    ]
+
+
+def resources_summary(r: dict) -> list[tuple[str, str]]:
+    ratios = [row["mlx_ratio" if row["kind"] == "generate" else "rss_ratio"] for row in r["rows"]]
+    return [
+        (
+            "resource guard (`resources.py`)",
+            f"estimated / measured peak memory {min(ratios):.2f}-{max(ratios):.2f}",
+        )
+    ]
+
+
+def contention_summary(r: dict) -> list[tuple[str, str]]:
+    parts = []
+    for res in r["sizes"]:
+        row = res["settings"]["default"]
+        parts.append(
+            f"{row['busy_median_s'] / row['quiet_median_s']:.1f}x at {res['size']}x{res['size']}"
+        )
+    return [("generation time next to a busy process / alone (`contention.py`)", ", ".join(parts))]
+
+
+SUMMARIES = {
+    "quality": quality_summary,
+    "streaming": streaming_summary,
+    "attention": attention_summary,
+    "wan_vs_torch": wan_vs_torch_summary,
+    "coreml": coreml_summary,
+    "gemm": gemm_summary,
+    "resources": resources_summary,
+    "contention": contention_summary,
+}
+
+
+def summary() -> str:
+    """One table with the headline figure of each available result, for the README."""
+    rows = []
+    for name, fn in SUMMARIES.items():
+        result = _load(name)
+        if result is not None:
+            rows += fn(result)
+    lines = ["| benchmark | result |", "|---|---|"]
+    return "\n".join(lines + [f"| {what} | {figure} |" for what, figure in rows])
+
+
+def _replace_block(path: Path, text: str) -> None:
+    """Replace what lies between the START and END markers of `path` (atomically)."""
+    head, rest = path.read_text().split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update-readme", action="store_true")
@@ -263,12 +410,8 @@ def main() -> None:
     if not opts.update_readme:
         print(text)
         return
-    readme = README.read_text()
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    tmp = README.with_suffix(".tmp")
-    tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    tmp.replace(README)
+    _replace_block(README, summary())
+    _replace_block(FULL, text)
 
 
 if __name__ == "__main__":

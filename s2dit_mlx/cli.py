@@ -1,13 +1,26 @@
-"""The `s2dit` command line: `s2dit generate` and `s2dit info`.
+"""The `s2dit` command line: one parser for every command.
 
-Every user error (bad sizes, a broken model folder, an unwritable output path, ...) ends
-as one line `error: ...` on stderr with exit code 2, no traceback and no output file.
+    s2dit generate PROMPT -o OUT ...        a video from a text prompt
+    s2dit convert wan SRC --out DIR ...     a Wan 2.x checkpoint -> a model folder
+    s2dit train dit|vae|... ...             training, fine-tuning, distillation
+    s2dit export coreml --out DIR ...       Core ML packages for an iPhone app
+    s2dit info                              MLX, device, BLAS, GEMM speed
+
+`convert` and `train` commands run their module's own parser and `main` under the name
+`s2dit convert wan`, `s2dit train dit`, ... (`python -m convert.wan` and `python -m train.*`
+are the same commands), so each command's options and help are written once. Nothing heavier
+than argparse is imported until a command runs, so `s2dit --help` is instant.
+
+Every user error (bad sizes, a broken model folder, an unwritable output path, ...) ends as one
+line `error: ...` on stderr with exit code 2 and no output file; Ctrl-C exits with 130
+(errors.run_cli).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import secrets
@@ -18,15 +31,42 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli_args import Parser, text
+from .cli_args import Parser, invoked_as, positive_float, text
 from .errors import EXIT_ERROR, S2DiTError, run_cli
+
+# `s2dit GROUP NAME ...` -> (the module whose parser and main run it, its summary line)
+MODULE_COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
+    "convert": {
+        "wan": (
+            "convert.wan",
+            "a Wan 2.1 / 2.2 checkpoint (original or diffusers layout) -> a model folder",
+        ),
+    },
+    "train": {
+        "dit": ("train.dit", "train or fine-tune a DiT by flow matching (full or LoRA)"),
+        "vae": ("train.vae", "train a video VAE (Wan architecture or the small patch VAE)"),
+        "fuse": ("train.fuse", "merge a LoRA adapter into its model folder"),
+        "average": ("train.average", "average model folders that share one VAE (a model soup)"),
+        "default-model": ("train.default_model", "the built-in model's whole recipe"),
+        "teacher-cache": ("train.teacher_cache", "run a teacher once and cache its trajectories"),
+        "dmd": ("train.dmd", "distribution matching distillation with self-forcing rollout"),
+        "layout-search": (
+            "train.layout_search",
+            "choose the attention kind of each layer under latency and memory budgets",
+        ),
+    },
+}
+GROUP_HELP = {
+    "convert": "convert a checkpoint into a model folder",
+    "train": "train, fine-tune and distil models",
+}
 
 GENERATE_EPILOG = """\
 Settings you leave out come from the model folder's config.json "defaults".
 
 examples:
-  s2dit generate "a red fox running through snow" --model ./my-model -o fox.mp4
-  s2dit generate "waves at dusk" --model user/s2dit-ar -o waves.mp4 --stream --seed 7
+  s2dit generate "a red circle moving left on a black background" -o circle.mp4
+  s2dit generate "waves at dusk" --model ./my-model -o waves.mp4 --stream --seed 7
   s2dit generate "a paper boat" --model ./my-model -o boat.gif --frames 17
   s2dit generate "a paper boat" --model ./my-model -o frames/   # PNG frames
 
@@ -36,6 +76,17 @@ sidecar with the prompt, seed, settings, timings and peak memory is written besi
 (out.mp4 -> out.json); it replaces only a sidecar s2dit wrote, never another file.
 """
 
+# Generation.summary() figures recorded under the sidecar's "timings"
+TIMINGS = (
+    "text_encode_s",
+    "denoise_s",
+    "decode_s",
+    "first_frames_s",
+    "generate_s",
+    "chunk_s",
+    "chunk_decode_s",
+)
+
 NO_MODEL = (
     "the built-in model is missing from this installation; pass --model with a model folder "
     "or a Hugging Face repository id (see s2dit generate --help)"
@@ -43,7 +94,8 @@ NO_MODEL = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `s2dit` argument parser."""
+    """The `s2dit` argument parser (`convert` and `train` commands only list their names here:
+    `main` hands them to their module before this parser sees them)."""
     parser = Parser(
         prog="s2dit",
         description="S2DiT streaming text-to-video generation, native in MLX.",
@@ -51,7 +103,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"s2dit-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(sub)
+    for group, commands in MODULE_COMMANDS.items():
+        _add_group(sub, group, GROUP_HELP[group], commands)
+    from .coreml.cli import add_export_parser  # no coremltools import until the command runs
 
+    add_export_parser(sub)
+    info = sub.add_parser(
+        "info",
+        help="show the MLX version, device, BLAS and measured GEMM speed",
+        description="Show the MLX version, device, BLAS in use and a measured fp32 GEMM rate.",
+    )
+    info.add_argument("--no-gemm", action="store_true", help="skip the GEMM measurement")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _add_group(sub, group: str, summary: str, commands: dict[str, tuple[str, str]]) -> None:
+    """`s2dit GROUP` with one entry per module command, for `s2dit GROUP --help`."""
+    p = sub.add_parser(
+        group,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=f"Run 's2dit {group} COMMAND --help' for the options of a command.",
+    )
+    p.set_defaults(func=lambda _args: p.print_help() or EXIT_ERROR)
+    names = p.add_subparsers(dest="name", metavar="COMMAND")
+    for name, (_module, help_line) in commands.items():
+        names.add_parser(name, help=help_line, add_help=False)
+
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser(
         "generate",
         help="generate a video from a text prompt",
@@ -111,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(streaming); few-step: the re-noising sampler of distilled students (streaming only)",
     )
     gen.add_argument(
-        "--fps", type=float, metavar="FPS", help="frames per second of the output video"
+        "--fps", type=positive_float, metavar="FPS", help="frames per second of the output video"
     )
     gen.add_argument(
         "--stream",
@@ -131,25 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     gen.set_defaults(func=cmd_generate)
-
-    info = sub.add_parser(
-        "info",
-        help="show the MLX version, device, BLAS and measured GEMM speed",
-        description="Show the MLX version, device, BLAS in use and a measured fp32 GEMM rate.",
-    )
-    info.add_argument("--no-gemm", action="store_true", help="skip the GEMM measurement")
-    info.set_defaults(func=cmd_info)
-
-    export = sub.add_parser(
-        "export",
-        help="export a model for another runtime (Core ML for iPhone)",
-        description="Export a model for another runtime.",
-    )
-    export.set_defaults(func=lambda _args: export.print_help() or EXIT_ERROR)
-    from .coreml.cli import add_coreml_parser  # no coremltools import until the command runs
-
-    add_coreml_parser(export.add_subparsers(dest="format", metavar="FORMAT"))
-    return parser
 
 
 def _versions() -> dict:
@@ -217,37 +280,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .fsutil import check_inputs
     from .pipeline import Pipeline
 
-    out = video_io.check_output_path(args.output)  # fail before the (slow) model load
+    # The output first: a bad path fails before the (slow) model load.
+    out = video_io.check_output_path(args.output)
     check_inputs(out, [("model folder", args.model)], "-o")
     video_io.check_sidecar(out)
     _probe_writable(out)
-    if args.fps is not None and not (args.fps > 0 and args.fps < float("inf")):
-        raise S2DiTError(f"fps must be a positive number, got {args.fps}")
 
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)  # None: the folder's dtype
     load_s = time.perf_counter() - start
     check_inputs(out, [("model folder", pipe.path)], "-o")  # a hub id's local snapshot
-
-    overrides = {
-        "frames": args.frames,
-        "height": args.height,
-        "width": args.width,
-        "steps": args.steps,
-        "seed": args.seed if args.seed is not None else secrets.randbelow(2**32),
-        "guidance": args.guidance,
-        "negative_prompt": args.negative_prompt,
-        "shift": args.shift,
-        "mode": args.mode,
-        "solver": args.solver,
-    }
-    run = pipe.start(args.prompt, progress=not args.quiet, **overrides)
-    settings = run.settings
-    video_io.check_output_path(out, settings.frames)
-    _check_resources(pipe, settings, args.allow_large, args.quiet)
     fps = args.fps if args.fps is not None else pipe.defaults["fps"]
     if not (isinstance(fps, (int, float)) and fps > 0):
-        raise S2DiTError(f"fps must be a positive number, got {fps!r}")
+        raise S2DiTError(f"the model folder's fps must be a positive number, got {fps!r}")
+
+    # Validated settings (the folder's defaults filled in) and the encoded prompt.
+    run = pipe.start(
+        args.prompt,
+        progress=not args.quiet,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        seed=args.seed if args.seed is not None else secrets.randbelow(2**32),
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        shift=args.shift,
+        mode=args.mode,
+        solver=args.solver,
+    )
+    settings = run.settings
+    video_io.check_frame_count(out, settings.frames)
+    _check_resources(pipe, settings, args.allow_large, args.quiet)
 
     t0 = time.perf_counter()
     write_s = None
@@ -267,15 +331,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stats = run.summary()
     timings = {
         "load_s": load_s,
-        "text_encode_s": stats["text_encode_s"],
-        "denoise_s": stats["denoise_s"],
-        "decode_s": stats["decode_s"],
-        "first_frames_s": stats["first_frames_s"],
-        "generate_s": stats["generate_s"],
+        **{key: stats[key] for key in TIMINGS},
         "write_s": write_s,
         "wall_s": wall_s,
-        "chunk_s": stats["chunk_s"],
-        "chunk_decode_s": stats["chunk_decode_s"],
     }
     meta = {
         "prompt": settings.prompt,
@@ -295,9 +353,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         },
         "frames_written": frames_written,
         "timings": {k: v for k, v in timings.items() if v is not None},
-        "frames_per_s": stats.get("frames_per_s"),
+        "frames_per_s": stats["frames_per_s"],
         "wall_frames_per_s": frames_written / wall_s if wall_s > 0 else None,
-        "peak_memory_gb": stats.get("peak_memory_gb"),
+        "peak_memory_gb": stats["peak_memory_gb"],
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -325,12 +383,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` chose, e.g. `s2dit export coreml`'s."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) is None:
+            return parser
+        parser = sub.choices[getattr(args, sub.dest)]
+
+
+def _run_module(group: str, name: str, argv: list[str]) -> int:
+    """`s2dit GROUP NAME ARGV`: the module's own main, its parser named `s2dit GROUP NAME`."""
+    module = MODULE_COMMANDS[group][name][0]
+    with invoked_as(f"python -m {module}", f"s2dit {group} {name}"):
+        return importlib.import_module(module).main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `s2dit` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[1] in MODULE_COMMANDS.get(argv[0], {}):
+        return run_cli(lambda: _run_module(argv[0], argv[1], argv[2:]))
     parser = build_parser()
 
     def body() -> int:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command's own parser, so the hint is its --help
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:
             parser.print_help()
             return EXIT_ERROR

@@ -1,14 +1,18 @@
 """The argument parser every entry point uses, and argument types that check values up front.
 
 Usage errors are one line `error: ... (see PROG --help)` on stderr with exit code 2, the same
-for `s2dit`, `python -m convert.wan` and every `python -m train.*`; a bad number or an
-undecodable prompt is refused by the parser, before any model is loaded or file written.
+for every `s2dit` command and their `python -m convert.wan` / `python -m train.*` aliases; a
+bad number or an undecodable prompt is refused by the parser, before any model is loaded or
+file written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 from .errors import EXIT_ERROR
 from .validate import utf8_problem
@@ -34,12 +38,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+# prog a module's parser is written with -> the name the user invoked it by (see invoked_as)
+_INVOKED_AS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("invoked_as")
+
+
+@contextlib.contextmanager
+def invoked_as(module_prog: str, prog: str) -> Iterator[None]:
+    """Inside this block, a Parser built with prog `module_prog` names itself `prog`.
+
+    `s2dit train dit` runs train.dit's own parser and main, so its options, help and checks
+    are written once; this makes its usage, help and errors say `s2dit train dit`.
+    """
+    token = _INVOKED_AS.set({**_INVOKED_AS.get({}), module_prog: prog})
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose usage errors are one line on stderr, exit code 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.prog = _INVOKED_AS.get({}).get(self.prog, self.prog)
 
     def error(self, message: str):
         """Print `error: MESSAGE (see PROG --help)` and exit with code 2."""

@@ -68,7 +68,7 @@ def output_kind(path: str | os.PathLike) -> str:
     )
 
 
-def check_output_path(path: str | os.PathLike, num_frames: int | None = None) -> Path:
+def check_output_path(path: str | os.PathLike) -> Path:
     """Validate an output path before any work is done; return it (with ~ expanded)."""
     raw = _expand(path) if path is not None else ""
     if not raw.strip():
@@ -81,11 +81,6 @@ def check_output_path(path: str | os.PathLike, num_frames: int | None = None) ->
         raise S2DiTError(f"PNG pattern needs exactly one %d placeholder: {raw}")
     if kind == "png-pattern" and _PLACEHOLDER.search(str(out.parent)):
         raise S2DiTError(f"the %d placeholder must be in the file name, not the folder: {raw}")
-    if kind == "png" and num_frames is not None and num_frames > 1:
-        raise S2DiTError(
-            f"{raw} holds one frame but {num_frames} were asked for "
-            "(use .mp4, .gif, a directory like frames/, or a pattern like frames/%05d.png)"
-        )
     if kind == "png-dir":
         if out.exists() and not out.is_dir():
             raise S2DiTError(f"output path for PNG frames exists and is not a directory: {raw}")
@@ -103,6 +98,15 @@ def check_output_path(path: str | os.PathLike, num_frames: int | None = None) ->
     if not os.access(parent, os.W_OK | os.X_OK):
         raise S2DiTError(f"output directory is not writable: {parent}")
     return out
+
+
+def check_frame_count(path: str | os.PathLike, num_frames: int) -> None:
+    """Refuse more than one frame for a single-.png output (once the frame count is known)."""
+    if num_frames > 1 and output_kind(path) == "png":
+        raise S2DiTError(
+            f"{_expand(path)} holds one frame but {num_frames} were asked for "
+            "(use .mp4, .gif, a directory like frames/, or a pattern like frames/%05d.png)"
+        )
 
 
 def to_uint8(frames: mx.array | np.ndarray) -> np.ndarray:

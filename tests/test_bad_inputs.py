@@ -637,19 +637,14 @@ def test_every_saved_config_passes_the_type_check(world):
 
 
 def _parsers():
-    from convert import wan
-    from s2dit_mlx import cli
-    from s2dit_mlx.coreml import cli as coreml_cli
-    from train import average, default_model, dit, fuse, vae
+    import importlib
 
+    from s2dit_mlx import cli
+
+    modules = [module for group in cli.MODULE_COMMANDS.values() for module, _ in group.values()]
     return {
-        "s2dit": cli.build_parser(),
-        "s2dit export": coreml_cli.build_parser(),
-        "convert.wan": wan.build_parser(),
-        **{
-            f"train.{m.__name__.rsplit('.', 1)[-1]}": m.build_parser()
-            for m in (dit, vae, fuse, average, default_model)
-        },
+        "s2dit": cli.build_parser(),  # generate, export coreml, info and the command lists
+        **{module: importlib.import_module(module).build_parser() for module in modules},
     }
 
 

@@ -278,7 +278,7 @@ BAD_INPUTS = {
     "guidance-nan": (["--guidance", "nan"], "guidance must be a finite number >= 0"),
     "seed-negative": (["--seed", "-5"], "seed must be an integer"),
     "shift-zero": (["--shift", "0"], "shift must be a positive number"),
-    "fps-zero": (["--fps", "0"], "fps must be a positive number"),
+    "fps-zero": (["--fps", "0"], "argument --fps: expected a positive number"),
     "bad-dtype": (["--dtype", "float8"], "argument --dtype: invalid choice"),
     "unknown-option": (["--colour", "red"], "unrecognized arguments: --colour red"),
     "no-model": ([None], "the built-in model is missing"),

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from s2dit_mlx.data import BACKGROUNDS, ShapesDataset, render
 from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.evaluate import (
+from s2dit_mlx.world.evaluate import (
     analyse,
     coherence,
     evaluate,
@@ -13,6 +12,7 @@ from s2dit_mlx.evaluate import (
     self_check,
     summarise,
 )
+from s2dit_mlx.world.shapes import BACKGROUNDS, ShapesDataset, render
 
 GOAL = 0.98  # issue 4: >= 98% per attribute on 500 ground-truth clips
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from s2dit_mlx.data import ShapesDataset
-from s2dit_mlx.evaluate import degrade, self_check
+from s2dit_mlx.world.evaluate import degrade, self_check
+from s2dit_mlx.world.shapes import ShapesDataset
 
 GOAL = 0.95  # on 500 degraded ground-truth clips, per attribute
 

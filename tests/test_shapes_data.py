@@ -5,7 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from s2dit_mlx.data import (
+from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.world.evaluate import coherence
+from s2dit_mlx.world.shapes import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
@@ -17,8 +19,6 @@ from s2dit_mlx.data import (
     random_attributes,
     random_prompt,
 )
-from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.evaluate import coherence
 
 KEYS = ("shape", "colour", "motion", "background")
 

@@ -447,8 +447,8 @@ def heldout_loss(bundle) -> float:
 
 def prompt_scores(model_dir: Path, prompts: list[tuple[str, int]]) -> dict[str, float]:
     """Evaluator accuracy (colour, shape, motion, all) of clips generated at the model's defaults."""
-    from s2dit_mlx.evaluate import evaluate, summarise
     from s2dit_mlx.pipeline import Pipeline
+    from s2dit_mlx.world.evaluate import evaluate, summarise
 
     pipe = Pipeline.from_pretrained(str(model_dir))
     return summarise([evaluate(pipe.generate(p, seed=s), p) for p, s in prompts])
@@ -457,7 +457,7 @@ def prompt_scores(model_dir: Path, prompts: list[tuple[str, int]]) -> dict[str, 
 @pytest.mark.slow  # 200 steps + 16 clips: 103 s on 2 busy cores with 1 BLAS thread, more with more
 def test_full_finetune_of_the_builtin_float16_model(tmp_path):
     """200 full fine-tuning steps from the shipped float16 folder: finite, better, still on prompt."""
-    from s2dit_mlx.data.shapes import random_prompt
+    from s2dit_mlx.world.shapes import random_prompt
     from train import dit as cli
 
     base = load_model(DEFAULT_MODEL_DIR)

@@ -19,6 +19,7 @@ from s2dit_mlx import info
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.video_io import (
     VideoWriter,
+    check_frame_count,
     check_output_path,
     metadata_path,
     read_video,
@@ -146,8 +147,11 @@ def test_check_output_path_errors(tmp_path, monkeypatch):
         with pytest.raises(S2DiTError, match=msg) as err:
             check_output_path(path)
         assert "\n" not in str(err.value)
-    with pytest.raises(S2DiTError, match="holds one frame"):
-        check_output_path(tmp_path / "x.png", num_frames=5)
+    with pytest.raises(S2DiTError, match="holds one frame but 5 were asked for"):
+        check_frame_count(tmp_path / "x.png", 5)
+    check_frame_count(tmp_path / "x.png", 1)
+    check_frame_count(tmp_path / "frames_%03d.png", 5)
+    check_frame_count(tmp_path / "x.mp4", 5)
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(S2DiTError, match="not writable"):

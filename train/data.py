@@ -124,8 +124,8 @@ def _one_line(err: BaseException) -> str:
 def shapes_source(
     seed: int = 0, frames: int = 17, height: int = 64, width: int = 64, **_ignored
 ) -> DataSource:
-    """The procedural moving-shapes clips of s2dit_mlx.data.shapes, by global sample index."""
-    from s2dit_mlx.data.shapes import ShapesDataset
+    """The procedural moving-shapes clips of s2dit_mlx.world.shapes, by global sample index."""
+    from s2dit_mlx.world.shapes import ShapesDataset
 
     dataset = ShapesDataset(height=height, width=width, frames=frames, seed=seed)
 

@@ -1,7 +1,7 @@
 """`python -m train.default_model`: train the built-in default model from nothing.
 
 The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
-hours, on the procedural moving-shapes world (s2dit_mlx.data.shapes):
+hours, on the procedural moving-shapes world (s2dit_mlx.world.shapes):
 
 1. a Unigram tokenizer (`tokenizers`) with one piece per word of every caption the world can
    produce (--tokenizer words, as the shipped model), or trained on them by tokenizers'
@@ -22,7 +22,7 @@ runs predate --background-dropout; w5 and the GPU runs train on 5 s clips, whose
 stop after 2 s; g4 and g6, back on 2 s clips, bring the motion back, g9, on both, the long
 streams, m1, with the motion-weighted loss, the motion, o1 and o2, with the object weight as
 well, the 10 s coherence, and their average keeps o1's motion and most of o2's coherence
-(README):
+(docs/default-model.md):
 
     python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
         --background-dropout 0
@@ -66,7 +66,7 @@ well, the 10 s coherence, and their average keeps o1's motion and most of o2's c
         --out s2dit_mlx/assets/default --overwrite
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
-the saved folder's layout): 10 s streams stay coherent longer (README).
+the saved folder's layout): 10 s streams stay coherent longer (docs/default-model.md).
 """
 
 from __future__ import annotations
@@ -103,7 +103,13 @@ from s2dit_mlx.cli_args import (
     positive_int,
     probability,
 )
-from s2dit_mlx.data.shapes import (
+from s2dit_mlx.errors import S2DiTError, run_cli
+from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
+from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_component, load_model, save_model
+from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
+from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
+from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
+from s2dit_mlx.world.shapes import (
     BACKGROUNDS,
     COLOURS,
     MOTIONS,
@@ -112,12 +118,6 @@ from s2dit_mlx.data.shapes import (
     caption,
     parse_prompt,
 )
-from s2dit_mlx.errors import S2DiTError, run_cli
-from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_component, load_model, save_model
-from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
-from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
-from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
 
 from .palette import PALETTE_BITS
 
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="probability that a clean streaming context is the model's own prediction of it "
         "(train.dit --recycle-prob; 1.8x the step time here; it made the built-in model's "
-        "long streams worse, see the README) (default 0: off)",
+        "long streams worse, see docs/default-model.md) (default 0: off)",
     )
     p.add_argument(
         "--motion-weight",

@@ -143,7 +143,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def read_prompts(source: str, seed: int) -> list[str]:
     """Prompts from a UTF-8 text file (one per line) or `shapes:N` (the procedural world)."""
     if source.startswith("shapes:"):
-        from s2dit_mlx.data.shapes import random_prompt
+        from s2dit_mlx.world.shapes import random_prompt
 
         try:
             n = int(source[len("shapes:") :])

@@ -70,7 +70,7 @@ def raw_latents(vae, video: mx.array) -> mx.array:
 def cropped_shapes_source(seed: int, frames: int, size: int, crop: int):
     """Shapes clips cut to crop x crop windows around the object (the VAE is convolutional,
     so it trains on small windows at the real pixel scale, ~(size/crop)^2 times cheaper)."""
-    from s2dit_mlx.data.shapes import ShapesDataset
+    from s2dit_mlx.world.shapes import ShapesDataset
 
     dataset = ShapesDataset(height=size, width=size, frames=frames, seed=seed)
 

@@ -1,8 +1,8 @@
 """`s2dit export coreml`: a model folder -> Core ML packages + manifest for an iPhone app.
 
-Hooked into the main CLI as the `export` command; `main(argv)` takes the arguments after
-`s2dit export` (so argv starts with "coreml"). Every user error is one `error: ...` line on
-stderr, exit code 2, and nothing is written.
+`add_export_parser` adds the `export` command to the `s2dit` parser (s2dit_mlx/cli.py);
+`main(argv)` takes the arguments after `s2dit export` (so argv starts with "coreml"). Every
+user error is one `error: ...` line on stderr, exit code 2, and nothing is written.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli_args import Parser, text
-from ..errors import EXIT_ERROR, S2DiTError, run_cli
+from ..cli_args import text
+from ..errors import EXIT_ERROR, S2DiTError
 
 COMPRESSIONS = ("none", "int8", "palette6", "palette4")
 
@@ -27,6 +27,18 @@ examples:
   s2dit export coreml --model ./my-model --out ./ios-model
   s2dit export coreml --model ./my-model --out ./ios-model --compress palette6 --prompt "a red fox"
 """
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `export` and its formats (today `coreml`) to the `s2dit` sub-command group."""
+    export = subparsers.add_parser(
+        "export",
+        help="export a model for another runtime (Core ML for iPhone)",
+        description="Export a model for another runtime.",
+    )
+    export.set_defaults(func=lambda _args: export.print_help() or EXIT_ERROR)
+    add_coreml_parser(export.add_subparsers(dest="format", metavar="FORMAT"))
+    return export
 
 
 def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
@@ -97,14 +109,6 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line")
     p.set_defaults(func=cmd_export_coreml)
     return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Parser for the arguments after `s2dit export`."""
-    parser = Parser(prog="s2dit export", description="Export a model to another runtime.")
-    sub = parser.add_subparsers(dest="format", metavar="FORMAT")
-    add_coreml_parser(sub)
-    return parser
 
 
 def cmd_export_coreml(args: argparse.Namespace) -> int:
@@ -196,17 +200,10 @@ def cmd_export_coreml(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`s2dit export ...` entry point (argv after `export`); returns the exit code."""
-    parser = build_parser()
+    """`s2dit export ...` (argv after `export`); returns the exit code."""
+    from ..cli import main as s2dit_main
 
-    def body() -> int:
-        args = parser.parse_args(argv)
-        if getattr(args, "func", None) is None:
-            parser.print_help()
-            return EXIT_ERROR
-        return args.func(args)
-
-    return run_cli(body)
+    return s2dit_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
-"""Training data: the procedural moving-shapes text-video world (numpy only)."""
+"""The procedural moving-shapes world (training clips and captions) and its pixel evaluator.
 
+numpy only. `shapes` renders the world; `evaluate` reads a video's pixels back and says which
+colour, shape, motion and background it shows, and how coherent a long stream stays.
+"""
+
+from .evaluate import coherence, evaluate, summarise
 from .shapes import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -22,8 +27,11 @@ __all__ = [
     "SHAPES",
     "ShapesDataset",
     "caption",
+    "coherence",
+    "evaluate",
     "parse_prompt",
     "random_attributes",
     "random_prompt",
     "render",
+    "summarise",
 ]

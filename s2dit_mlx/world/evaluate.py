@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from .data.shapes import BACKGROUNDS, COLOURS, SHAPES, parse_prompt, shape_sdf
-from .errors import S2DiTError
+from ..errors import S2DiTError
+from .shapes import BACKGROUNDS, COLOURS, SHAPES, parse_prompt, shape_sdf
 
 _OBJ_NAMES = tuple(COLOURS)
 _OBJ_RGB = np.array([COLOURS[k] for k in _OBJ_NAMES], np.float32)
 _BG_NAMES = tuple(BACKGROUNDS)
 _BG_RGB = np.array([BACKGROUNDS[k] for k in _BG_NAMES], np.float32)
-# Area of each template shape per unit "radius" squared (see data.shapes.shape_sdf).
+# Area of each template shape per unit "radius" squared (see shapes.shape_sdf).
 _UNIT_AREA = {"circle": np.pi, "square": 4 * 0.9**2, "triangle": 3 * np.sqrt(3) / 4 * 1.45**2}
 
 MIN_CONTRAST = 30.0  # colour distance below which nothing counts as an object
@@ -406,7 +406,7 @@ def self_check(
     """The evaluator's accuracy on ground-truth clips of the shapes dataset (optionally degraded)."""
     import time
 
-    from .data.shapes import ShapesDataset
+    from .shapes import ShapesDataset
 
     ds = ShapesDataset(height, width, frames, seed=seed)
     rng = np.random.default_rng([seed, 1])

@@ -31,9 +31,9 @@ import numpy as np
 import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 # isort: split
-from s2dit_mlx import evaluate as world_evaluate
-from s2dit_mlx.data.shapes import random_prompt
 from s2dit_mlx.pipeline import Pipeline
+from s2dit_mlx.world import evaluate as world_evaluate
+from s2dit_mlx.world.shapes import random_prompt
 
 SETTING_TYPES = {"steps": int, "guidance": float, "shift": float, "solver": str}
 

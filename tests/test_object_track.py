@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from s2dit_mlx.data.shapes import ShapesDataset
-from s2dit_mlx.evaluate import object_track
+from s2dit_mlx.world.evaluate import object_track
+from s2dit_mlx.world.shapes import ShapesDataset
 
 
 def test_object_track_follows_the_rendered_object():

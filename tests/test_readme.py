@@ -82,7 +82,11 @@ RUN_WITH = {
     ],
     "s2dit train teacher-cache --teacher models/teacher --prompts prompts.txt --out cache/t "
     "--steps 48 --keep every:12": ["--no-progress"],
-    "s2dit train dmd --generator models/student --teacher models/teacher --cache cache/t "
+    "s2dit train dit --config runs/layout/config.json --init-from models/teacher "
+    "--data cache:cache/t --out runs/kd": ["--steps", "2", "--batch-size", "2", "--no-progress"],
+    "s2dit train dit --model runs/kd/model --data cache:cache/t --objective ode --ode-steps 4 "
+    "--out runs/ode": ["--steps", "2", "--batch-size", "2", "--no-progress"],
+    "s2dit train dmd --generator runs/ode/model --teacher models/teacher --cache cache/t "
     "--out runs/dmd": ["--iterations", "2", "--critic-ratio", "2", "--no-progress"],
     "s2dit train layout-search --teacher models/teacher --cache cache/t --out runs/layout "
     "--latency 0.6x": [

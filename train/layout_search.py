@@ -104,10 +104,15 @@ def held_out_loss(student, batch: dict, keys: mx.array, flow: FlowConfig) -> flo
     return float(flow_matching_loss(FlowModel(student), batch, keys, flow))
 
 
-def fit_layer(student, layer: int, source, steps: int, lr: float, seed: int, workdir: Path) -> None:
-    """Train only `layer`'s self-attention for `steps` steps of the streaming flow loss."""
+def fit_layers(
+    student, layers: list[int], source, steps: int, lr: float, seed: int, workdir: Path
+) -> None:
+    """Train only these layers' self-attention for `steps` steps of the streaming flow loss."""
+    if not layers or steps == 0:
+        return
     student.freeze()
-    student.blocks[layer].self_attn.unfreeze()
+    for layer in layers:
+        student.blocks[layer].self_attn.unfreeze()
     flow = FlowConfig(mode="streaming", clean_context_prob=0.5)
     cfg = TrainConfig(steps=steps, batch_size=2, lr=lr, seed=seed, progress=False, compile=False)
     Trainer(FlowModel(student), make_flow_loss(flow), source, cfg, workdir).train()
@@ -135,7 +140,7 @@ def layer_penalties(
         mx.random.seed(0)
         student = S2DiT(replace(base_args, layers=layout))
         init_from(student, teacher, "uniform")
-        fit_layer(student, layer, source, steps, lr, 0, workdir / tag)
+        fit_layers(student, [layer], source, steps, lr, 0, workdir / tag)
         return held_out_loss(student, held_out, keys, flow)
 
     for i in range(layers):

@@ -32,7 +32,7 @@ import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 # isort: split
 from s2dit_mlx.pipeline import Pipeline
-from s2dit_mlx.world import evaluate as world_evaluate
+from s2dit_mlx.world.evaluate import coherence, evaluate, object_track, summarise
 from s2dit_mlx.world.shapes import random_prompt
 
 SETTING_TYPES = {"steps": int, "guidance": float, "shift": float, "solver": str}
@@ -51,7 +51,7 @@ def parse_model(text: str) -> tuple[str, str, dict]:
 
 def first_frame_object(video: np.ndarray) -> tuple[float, float, float] | None:
     """(centre x, centre y, sqrt of area) of the object in the first frame with one, in frames."""
-    track = world_evaluate.object_track(video)
+    track = object_track(video)
     h, w = video.shape[1:3]
     present = np.flatnonzero(track["present"])
     if present.size == 0:
@@ -107,14 +107,11 @@ def main() -> None:
             start = time.perf_counter()
             video = m["pipe"].generate(prompt, frames=short, seed=seed, **m["overrides"])
             results[name]["clip_s"].append(time.perf_counter() - start)
-            report = world_evaluate.evaluate(video, prompt)
-            results[name]["reports"].append(
-                {k: report[k] for k in ("colour", "shape", "motion", "all")}
-            )
+            report = evaluate(video, prompt)
+            results[name]["reports"].append(report)
         if (i + 1) % 20 == 0:
             line = ", ".join(
-                f"{n} {world_evaluate.summarise(r['reports'])['all']:.2f}"
-                for n, r in results.items()
+                f"{n} {summarise(r['reports'])['all']:.2f}" for n, r in results.items()
             )
             print(f"{i + 1} clips, all three: {line}", flush=True)
     for prompt, seed in streams:
@@ -126,7 +123,7 @@ def main() -> None:
             wall = time.perf_counter() - start
             results[name]["long"].append(
                 {
-                    "coherence": world_evaluate.coherence(video),
+                    "coherence": coherence(video),
                     "frames_per_s": video.shape[0] / wall,
                 }
             )
@@ -143,7 +140,7 @@ def main() -> None:
 
     table = {}
     for name, r in results.items():
-        acc = world_evaluate.summarise(r["reports"])
+        acc = summarise(r["reports"])
         spread = np.mean(np.array(r["spread"]), axis=0) if r["spread"] else np.zeros(3)
         coh = [x["coherence"] for x in r["long"]]
         table[name] = {

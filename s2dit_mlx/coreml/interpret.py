@@ -137,22 +137,16 @@ def _axes(a, rank):
     return tuple(range(rank)) if axes is None else tuple(int(i) % rank for i in np.ravel(axes))
 
 
-@op("reduce_mean")
-def _reduce_mean(a):
-    x = _f32(a["x"])
-    return np.mean(x, axis=_axes(a, x.ndim), keepdims=bool(a.get("keep_dims", False)))
+def _reduce(fn):
+    def run(a):
+        x = _f32(a["x"])
+        return fn(x, axis=_axes(a, x.ndim), keepdims=bool(a.get("keep_dims", False)))
+
+    return run
 
 
-@op("reduce_sum")
-def _reduce_sum(a):
-    x = _f32(a["x"])
-    return np.sum(x, axis=_axes(a, x.ndim), keepdims=bool(a.get("keep_dims", False)))
-
-
-@op("reduce_max")
-def _reduce_max(a):
-    x = _f32(a["x"])
-    return np.max(x, axis=_axes(a, x.ndim), keepdims=bool(a.get("keep_dims", False)))
+for _name, _fn in (("reduce_mean", np.mean), ("reduce_sum", np.sum), ("reduce_max", np.max)):
+    op(_name)(_reduce(_fn))
 
 
 @op("layer_norm")

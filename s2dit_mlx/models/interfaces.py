@@ -48,6 +48,58 @@ class VideoVAE(Protocol):
         ...
 
 
+class LatentSpace:
+    """What both VAEs share about their latents: sizes, frame counts and normalisation.
+
+    A VAE sets `config` (z_dim, temporal_factor, spatial_factor, latents_mean, latents_std) and
+    `NAME` (for messages), and calls `init_latent_space()` in its constructor.
+    """
+
+    NAME = "VAE"
+    config: object
+
+    def init_latent_space(self) -> None:
+        """The normalisation constants from the config (underscored: not parameters)."""
+        z = self.config.z_dim
+        self._mean = mx.array(self.config.latents_mean or [0.0] * z, dtype=mx.float32)
+        self._std = mx.array(self.config.latents_std or [1.0] * z, dtype=mx.float32)
+
+    @property
+    def z_dim(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        """Pixel frames 1 + 4k -> latent frames 1 + k."""
+        return 1 + (num_frames - 1) // self.temporal_factor
+
+    def num_pixel_frames(self, num_latent_frames: int) -> int:
+        """Latent frames 1 + k -> pixel frames 1 + 4k."""
+        return 1 + (num_latent_frames - 1) * self.temporal_factor if num_latent_frames else 0
+
+    def normalize(self, z: mx.array) -> mx.array:
+        """Raw latents -> the normalised latents the DiT works on."""
+        return ((z - self._mean) / self._std).astype(z.dtype)
+
+    def denormalize(self, z: mx.array) -> mx.array:
+        """Normalised latents -> raw decoder input."""
+        return (z * self._std + self._mean).astype(z.dtype)
+
+    def check_latents(self, z: mx.array) -> None:
+        """Raise S2DiTError unless z is [B, f, h, w, z_dim]."""
+        if z.ndim != 5 or z.shape[-1] != self.z_dim:
+            raise S2DiTError(
+                f"{self.NAME}: latents must be [B, f, h, w, {self.z_dim}], got {tuple(z.shape)}"
+            )
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     """Prompts -> embeddings [B, L, dim] (the DiT pads or trims them to its text_len)."""

@@ -30,7 +30,7 @@ from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..kernels.cpu import silu
 from ..validate import check_field_types
-from .interfaces import StreamingDecoder
+from .interfaces import LatentSpace, StreamingDecoder
 
 
 @dataclass
@@ -165,8 +165,10 @@ class PatchStreamingDecoder(StreamingDecoder):
         return frames[:, vae.temporal_factor - 1 :] if first else frames
 
 
-class PatchVAE(nn.Module):
+class PatchVAE(LatentSpace, nn.Module):
     """Small causal video VAE with the pipeline's VAE interface."""
+
+    NAME = "patch VAE"
 
     def __init__(self, config: PatchVAEConfig):
         super().__init__()
@@ -174,45 +176,7 @@ class PatchVAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder_module = Decoder(config)
-        z = config.z_dim
-        # Plain Python lists: not parameters, they come from config.json.
-        self._mean = mx.array(config.latents_mean or [0.0] * z, dtype=mx.float32)
-        self._std = mx.array(config.latents_std or [1.0] * z, dtype=mx.float32)
-
-    @property
-    def z_dim(self) -> int:
-        return self.config.z_dim
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.config.temporal_factor
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.config.spatial_factor
-
-    def num_latent_frames(self, num_frames: int) -> int:
-        """Pixel frames 1 + 4k -> latent frames 1 + k."""
-        return 1 + (num_frames - 1) // self.temporal_factor
-
-    def num_pixel_frames(self, num_latent_frames: int) -> int:
-        """Latent frames 1 + k -> pixel frames 1 + 4k."""
-        return 1 + (num_latent_frames - 1) * self.temporal_factor if num_latent_frames else 0
-
-    def normalize(self, z: mx.array) -> mx.array:
-        """Raw latents -> the normalised latents the DiT works on."""
-        return ((z - self._mean) / self._std).astype(z.dtype)
-
-    def denormalize(self, z: mx.array) -> mx.array:
-        """Normalised latents -> raw decoder input."""
-        return (z * self._std + self._mean).astype(z.dtype)
-
-    def check_latents(self, z: mx.array) -> None:
-        """Raise S2DiTError unless z is [B, f, h, w, z_dim]."""
-        if z.ndim != 5 or z.shape[-1] != self.z_dim:
-            raise S2DiTError(
-                f"patch VAE: latents must be [B, f, h, w, {self.z_dim}], got {tuple(z.shape)}"
-            )
+        self.init_latent_space()
 
     def patchify(self, video: mx.array) -> mx.array:
         """[B, F=1+4k, H, W, 3] -> [B, 1+k, H/8, W/8, 4*8*8*3] (first frame repeated 4x)."""

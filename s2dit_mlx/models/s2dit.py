@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..attention import TokenLayout, attention_kind
+from ..attention.common import ProjectedAttention
 from ..cache import StreamCache
 from ..config import ConfigBase
 from ..errors import S2DiTError
@@ -134,19 +135,8 @@ def layer_norm(x: mx.array, eps: float) -> mx.array:
     return mx.fast.layer_norm(x.astype(mx.float32), None, None, eps)
 
 
-class CrossAttention(nn.Module):
-    """Wan text cross-attention (q from video tokens, k and v from text)."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        dim = args.dim
-        self.num_heads = args.num_heads
-        self.q = Linear(dim, dim)
-        self.k = Linear(dim, dim)
-        self.v = Linear(dim, dim)
-        self.o = Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=args.eps)
-        self.norm_k = nn.RMSNorm(dim, eps=args.eps)
+class CrossAttention(ProjectedAttention):
+    """Wan text cross-attention: q from the video tokens, k and v from the text."""
 
     def keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
         """The text's keys and values [B, H, L, D] (a stream computes them once: TextCache)."""

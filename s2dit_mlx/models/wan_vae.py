@@ -35,7 +35,7 @@ from ..errors import S2DiTError
 from ..kernels import cpu as cpu_kernels
 from ..kernels.cpu import silu
 from ..validate import check_field_types
-from .interfaces import StreamingDecoder
+from .interfaces import LatentSpace, StreamingDecoder
 from .layers import attention
 
 # Published latent statistics (per channel): latents are stored as (z - mean) / std.
@@ -767,8 +767,10 @@ def _init_for_training(model: nn.Module) -> None:
         module.weight = std * mx.random.normal(w.shape, dtype=w.dtype)
 
 
-class WanVAE(nn.Module):
+class WanVAE(LatentSpace, nn.Module):
     """The Wan 2.1 / 2.2 VAE with the pipeline's VAE interface."""
+
+    NAME = "Wan VAE"
 
     def __init__(self, config: WanVAEConfig):
         super().__init__()
@@ -779,54 +781,15 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * z, 2 * z, 1)
         self.post_quant_conv = CausalConv3d(z, z, 1)
         self.decoder_module = Decoder(config)
-        # Underscored: not parameters; they come from config.json.
-        self._mean = mx.array(config.latents_mean or [0.0] * z, dtype=mx.float32)
-        self._std = mx.array(config.latents_std or [1.0] * z, dtype=mx.float32)
+        self.init_latent_space()
         self._tile: tuple[int, int] | None = None  # (tile, stride) in pixels when tiling
         _init_for_training(self)
 
-    # -- interface properties --------------------------------------------------------------
-
-    @property
-    def z_dim(self) -> int:
-        return self.config.z_dim
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.config.temporal_factor
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.config.spatial_factor
+    # -- interface properties (the rest come with LatentSpace) ------------------------------
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.post_quant_conv.weight.dtype
-
-    def num_latent_frames(self, num_frames: int) -> int:
-        """Pixel frames 1 + 4k -> latent frames 1 + k."""
-        return 1 + (num_frames - 1) // self.temporal_factor
-
-    def num_pixel_frames(self, num_latent_frames: int) -> int:
-        """Latent frames 1 + k -> pixel frames 1 + 4k."""
-        return 1 + (num_latent_frames - 1) * self.temporal_factor if num_latent_frames else 0
-
-    # -- normalisation ---------------------------------------------------------------------
-
-    def normalize(self, z: mx.array) -> mx.array:
-        """Raw latents -> the normalised latents the DiT works on."""
-        return ((z - self._mean) / self._std).astype(z.dtype)
-
-    def denormalize(self, z: mx.array) -> mx.array:
-        """Normalised latents -> raw decoder input."""
-        return (z * self._std + self._mean).astype(z.dtype)
-
-    def check_latents(self, z: mx.array) -> None:
-        """Raise S2DiTError unless z is [B, f, h, w, z_dim]."""
-        if z.ndim != 5 or z.shape[-1] != self.z_dim:
-            raise S2DiTError(
-                f"Wan VAE: latents must be [B, f, h, w, {self.z_dim}], got {tuple(z.shape)}"
-            )
 
     # -- patchify (2.2) ----------------------------------------------------------------------
 

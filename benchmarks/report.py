@@ -235,6 +235,68 @@ def contention_table(r: dict) -> list[str]:
     return [*lines, "", "; ".join(notes) + "."]
 
 
+def decode_overlap_table(r: dict) -> list[str]:
+    f = r["frames_per_s"]
+    return [
+        f"**Decode overlap** the built-in model streaming {r['frames']} frames, "
+        f"{len(r['runs']['overlap'])} streams in turns, identical frames "
+        "(`benchmarks/decode_overlap.py`)",
+        "",
+        "| VAE decode | frames/s (median) |",
+        "|---|---|",
+        f"| chunk k decoded while chunk k + 1 is denoised | {f['overlap']:.1f} |",
+        f"| in line, after each chunk | {f['in_line']:.1f} |",
+        "",
+        f"overlap / in line: {r['ratio']:.2f}x",
+    ]
+
+
+def distill_table(r: dict) -> list[str]:
+    lines = [
+        f"**Distillation** the built-in model as teacher and its students, one run, models in "
+        f"turns (`benchmarks/distill.py`): adherence over {r['prompts']} random prompts "
+        f"({r['clip_frames']}-frame clips), coherence over {r['streams']} streams of "
+        f"{r['long_clip_frames']} frames, diversity over {r['diversity_prompts']} prompts x "
+        f"{r['diversity_seeds']} seeds (spread of the first frame's object centre and size)",
+        "",
+        "| model | steps, CFG | DiT passes / chunk | colour | shape | motion | all three | "
+        "coherence (min) | s / clip | stream frames/s | diversity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in r["models"].items():
+        a, st = m["accuracy"], m["settings"]
+        lines.append(
+            f"| {name} | {st['steps']}, {st['guidance']:g} | {m['passes_per_chunk']} | "
+            f"{_pct(a['colour'])} | {_pct(a['shape'])} | {_pct(a['motion'])} | {_pct(a['all'])} | "
+            f"{_pct(m['coherence_mean'])} ({_pct(m['coherence_min'])}) | "
+            f"{m['seconds_per_clip']:.2f} | {m['streaming_frames_per_s']:.1f} | "
+            f"{m['diversity']['total']:.3f} |"
+        )
+    return lines
+
+
+def layout_search_table(r: dict) -> list[str]:
+    lines = [
+        f"**Layout search** all {len(r['layouts'])} {{{', '.join(r['kinds'])}}} layouts of the "
+        f"built-in model, each fitted {r['fit_steps']} steps on its teacher cache "
+        "(`benchmarks/layout_search.py`)",
+        "",
+        f"- Spearman rank correlation, the DP's additive prediction vs measured held-out loss: "
+        f"{r['spearman']:.3f}",
+        f"- latency model vs measured whole-model streaming call: worst relative error "
+        f"{_pct(r['latency_worst_relative_error'])}",
+        "",
+        "| latency budget | DP's pick | its loss | best that fits | gap / loss range |",
+        "|---|---|---|---|---|",
+    ]
+    for b in r["budgets"]:
+        lines.append(
+            f"| {b['budget_fraction']:.2f}x | {'/'.join(b['dp_layers'])} | "
+            f"{b['dp_measured']:.4f} | {b['best_measured']:.4f} | {_pct(b['gap_over_range'])} |"
+        )
+    return lines
+
+
 RENDERERS = {
     "gemm": gemm_table,
     "attention": attention_table,
@@ -244,6 +306,9 @@ RENDERERS = {
     "wan_vs_torch": wan_vs_torch_table,
     "resources": resources_table,
     "contention": contention_table,
+    "decode_overlap": decode_overlap_table,
+    "distill": distill_table,
+    "layout_search": layout_search_table,
 }
 
 
@@ -283,11 +348,12 @@ def quality_summary(r: dict) -> list[tuple[str, str]]:
 
 
 def streaming_summary(r: dict) -> list[tuple[str, str]]:
+    now = r["summary"]["now"]
     return [
         (
-            f"streaming {r['chunks']} chunks (`streaming.py`)",
-            f"chunk {len(r['rows'])} / chunk 4 time {r['time_ratio_last_over_chunk4']:.2f}x; "
-            f"peak memory within {100 * r['peak_spread_from_chunk4']:.1f}% from chunk 4 on",
+            f"streaming {r['chunks']} chunks, preallocated caches vs concatenating (`streaming.py`)",
+            f"{r['time_now_over_before']:.2f}x the time per chunk; peak memory within "
+            f"{100 * now['peak_spread_from_chunk4']:.1f}% from chunk 4 on",
         )
     ]
 
@@ -370,6 +436,46 @@ def contention_summary(r: dict) -> list[tuple[str, str]]:
     return [("generation time next to a busy process / alone (`contention.py`)", ", ".join(parts))]
 
 
+def decode_overlap_summary(r: dict) -> list[tuple[str, str]]:
+    f = r["frames_per_s"]
+    return [
+        (
+            "decode overlapped with denoising (`decode_overlap.py`)",
+            f"{f['overlap']:.1f} vs {f['in_line']:.1f} frames/s in line ({r['ratio']:.2f}x)",
+        )
+    ]
+
+
+def distill_summary(r: dict) -> list[tuple[str, str]]:
+    models = r["models"]
+    teacher = models.get("teacher")
+    rows = []
+    for name, m in models.items():
+        if name == "teacher" or teacher is None:
+            continue
+        speed = m["streaming_frames_per_s"] / teacher["streaming_frames_per_s"]
+        rows.append(
+            (
+                f"{name} vs its teacher (`distill.py`)",
+                f"all three {_pct(m['accuracy']['all'])} vs {_pct(teacher['accuracy']['all'])}, "
+                f"coherence {_pct(m['coherence_mean'])} vs {_pct(teacher['coherence_mean'])}, "
+                f"{speed:.1f}x the streaming frames/s",
+            )
+        )
+    return rows
+
+
+def layout_search_summary(r: dict) -> list[tuple[str, str]]:
+    gaps = ", ".join(_pct(b["gap_over_range"]) for b in r["budgets"])
+    return [
+        (
+            f"layout search over {len(r['layouts'])} layouts (`layout_search.py`)",
+            f"Spearman {r['spearman']:.2f}; DP pick within {gaps} of the loss range; latency "
+            f"model within {_pct(r['latency_worst_relative_error'])}",
+        )
+    ]
+
+
 SUMMARIES = {
     "quality": quality_summary,
     "streaming": streaming_summary,
@@ -379,6 +485,9 @@ SUMMARIES = {
     "gemm": gemm_summary,
     "resources": resources_summary,
     "contention": contention_summary,
+    "decode_overlap": decode_overlap_summary,
+    "distill": distill_summary,
+    "layout_search": layout_search_summary,
 }
 
 

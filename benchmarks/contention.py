@@ -33,11 +33,14 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS", "S
 WORKER = r"""
 import json, sys, time
 import s2dit_mlx
+s2dit_mlx.setup_blas()  # what `s2dit generate` does: OpenBLAS, then its models on the kernels
+from s2dit_mlx import kernels
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 
 prompt, clips, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pipe = Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
+kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
 pipe.generate(prompt, seed=0, steps=2, height=size, width=size)  # warm-up: kernels, caches
 times = []
 for i in range(clips):

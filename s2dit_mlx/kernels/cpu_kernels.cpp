@@ -1,10 +1,10 @@
 // Vectorised float32 kernels for MLX's CPU backend (built at first use by
-// s2dit_mlx.kernels.cpu; see that module for why they exist).
+// s2dit_mlx.kernels.cpu; see s2dit_mlx/kernels/__init__.py for when they run).
 //
 // The Linux mlx[cpu] wheel evaluates exp, tanh and sigmoid one element at a time
 // through out-of-line std::fma calls (~25 ns per element); these kernels compute
-// the same functions 16 lanes at a time and work in place on a buffer that the
-// caller owns.
+// the same functions 16 lanes at a time. Every entry point reads its inputs and writes
+// a separate output buffer (a new array the caller just allocated): no input is modified.
 //
 // s2dit_linear and s2dit_conv3d share a blocked GEMM with a 12x32 AVX-512 micro-kernel
 // (about 100 GFLOP/s per core on the CI machine's AMD EPYC, where OpenBLAS reaches 60-95
@@ -106,11 +106,13 @@ INLINE float hsum(vfloat v) {
 
 extern "C" {
 
-// Softmax of scale * x over each row of a contiguous [rows, cols] buffer, in place
-// (scale > 0).
-DISPATCH void s2dit_softmax_rows(float* x, int64_t rows, int64_t cols, float scale) {
+// Softmax of scale * x over each row of a contiguous [rows, cols] buffer into out (scale >
+// 0); out may be x itself (the attention kernel's own score buffer).
+DISPATCH void s2dit_softmax_rows(const float* x, float* out, int64_t rows, int64_t cols,
+                                 float scale) {
   for (int64_t row = 0; row < rows; ++row) {
-    float* a = x + row * cols;
+    const float* a = x + row * cols;
+    float* o = out + row * cols;
     vfloat m = splat(-__builtin_inff());
     for (int64_t i = 0; i < cols; i += LANES) {
       int64_t n = cols - i < LANES ? cols - i : LANES;
@@ -125,33 +127,33 @@ DISPATCH void s2dit_softmax_rows(float* x, int64_t rows, int64_t cols, float sca
         for (int64_t j = n; j < LANES; ++j) e[j] = 0.0f;  // padding adds nothing
       }
       total += e;
-      store(a + i, e, n);
+      store(o + i, e, n);
     }
     const float inv = 1.0f / hsum(total);
     for (int64_t i = 0; i < cols; i += LANES) {
       int64_t n = cols - i < LANES ? cols - i : LANES;
-      store(a + i, load(a + i, n, 0.0f) * inv, n);
+      store(o + i, load(o + i, n, 0.0f) * inv, n);
     }
   }
 }
 
-// x * sigmoid(x), in place.
-DISPATCH void s2dit_silu(float* x, int64_t count) {
+// out = x * sigmoid(x) over count elements.
+DISPATCH void s2dit_silu_range(const float* x, float* out, int64_t count) {
   for (int64_t i = 0; i < count; i += LANES) {
     int64_t n = count - i < LANES ? count - i : LANES;
     vfloat v = load(x + i, n, 0.0f);
-    store(x + i, v / (1.0f + vexp(-v)), n);
+    store(out + i, v / (1.0f + vexp(-v)), n);
   }
 }
 
-// GELU, tanh approximation: 0.5 x (1 + tanh(y)) = x * sigmoid(2y),
-// y = sqrt(2 / pi) (x + 0.044715 x^3); in place.
-DISPATCH void s2dit_gelu_tanh(float* x, int64_t count) {
+// out = GELU(x), tanh approximation: 0.5 x (1 + tanh(y)) = x * sigmoid(2y),
+// y = sqrt(2 / pi) (x + 0.044715 x^3).
+DISPATCH void s2dit_gelu_tanh_range(const float* x, float* out, int64_t count) {
   for (int64_t i = 0; i < count; i += LANES) {
     int64_t n = count - i < LANES ? count - i : LANES;
     vfloat v = load(x + i, n, 0.0f);
     vfloat z = 1.5957691216057308f * (v + 0.044715f * v * v * v);
-    store(x + i, v / (1.0f + vexp(-z)), n);
+    store(out + i, v / (1.0f + vexp(-z)), n);
   }
 }
 
@@ -399,7 +401,25 @@ constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * t
 
 // Softmax of scale * x over `rows` rows of `cols` values, row stride ld, in place.
 void softmax_strided(float* x, int64_t rows, int64_t cols, int64_t ld, float scale) {
-  for (int64_t r = 0; r < rows; ++r) s2dit_softmax_rows(x + r * ld, 1, cols, scale);
+  for (int64_t r = 0; r < rows; ++r) s2dit_softmax_rows(x + r * ld, x + r * ld, 1, cols, scale);
+}
+
+// [begin, end) of `count` items split into `threads` shares in whole `unit`s: share t's.
+std::pair<int64_t, int64_t> share(int64_t count, int64_t unit, int64_t threads, int64_t t) {
+  const int64_t units = (count + unit - 1) / unit;
+  const int64_t lo = units * t / threads * unit, hi = units * (t + 1) / threads * unit;
+  return {lo < count ? lo : count, hi < count ? hi : count};
+}
+
+// An elementwise function over count elements on up to `threads` threads.
+template <class Range>
+int elementwise(const float* x, float* out, int64_t count, int64_t threads, Range range) {
+  if (count < 0 || threads < 1) return 1;
+  const bool ok = run_shared(threads, [&](int64_t t) {
+    const auto [lo, hi] = share(count, LANES * 64, threads, t);
+    if (hi > lo) range(x + lo, out + lo, hi - lo);
+  });
+  return ok ? 0 : 1;
 }
 
 // One (batch, head) of attention: k and v are packed once, then query rows go in tiles of
@@ -425,6 +445,25 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
 extern "C" {
 
 #define S2DIT_FAILED 1
+
+// out = SiLU(x), out = GELU-tanh(x), and out = the softmax of each of `rows` rows of `cols`
+// values of x: separate buffers, on up to `threads` threads. 0, or S2DIT_FAILED.
+int s2dit_silu(const float* x, float* out, int64_t count, int64_t threads) {
+  return elementwise(x, out, count, threads, s2dit_silu_range);
+}
+
+int s2dit_gelu_tanh(const float* x, float* out, int64_t count, int64_t threads) {
+  return elementwise(x, out, count, threads, s2dit_gelu_tanh_range);
+}
+
+int s2dit_softmax(const float* x, float* out, int64_t rows, int64_t cols, int64_t threads) {
+  if (rows < 0 || cols < 1 || threads < 1) return S2DIT_FAILED;
+  const bool ok = run_shared(threads, [&](int64_t t) {
+    const auto [lo, hi] = share(rows, 1, threads, t);
+    if (hi > lo) s2dit_softmax_rows(x + lo * cols, out + lo * cols, hi - lo, cols, 1.0f);
+  });
+  return ok ? 0 : S2DIT_FAILED;
+}
 
 // Whether this CPU runs the GEMM's micro-kernel (AVX-512F).
 int s2dit_gemm_supported(void) {

@@ -508,3 +508,22 @@ def test_resampler_and_conv_modules_swap(gemm):
     ref = up(x, None)
     kernels.enable(up)
     _close(up(x, None), ref, tol=1e-5)
+
+
+def test_info_reports_blas_and_each_kind(monkeypatch):
+    """`s2dit info --kernels`: BLAS and why, then every kind measured here, with its speeds."""
+    from s2dit_mlx import info
+
+    monkeypatch.setattr(choice, "_pinned", {})
+    monkeypatch.setattr(choice, "_results", {})
+    before = "\n".join(info.info_lines(gemm=False))
+    assert "measured against MLX's own op at its first use" in before
+    text = "\n".join(info.info_lines(gemm=False, measure_kernels=True))
+    assert "BLAS: " in text and "usable CPUs: " in text and "CPU kernels: opt-in" in text
+    for kind in choice.KINDS:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{kind}: "))
+        assert line.strip().startswith((f"{kind}: kernel (", f"{kind}: library (")), line
+        if cpu_kernels.library() is not None and (
+            kind not in choice.GEMM_KINDS or cpu_kernels.gemm_available()
+        ):
+            assert " on " in line and "/s" in line, line  # both sides timed

@@ -344,19 +344,6 @@ void multiply(const Rows& A, const float* packed, const float* bias, float* c, i
   }
 }
 
-// Rows [m_begin, m_end) of C (row stride ldc, all N columns) = bias + A @ B.
-template <class Rows>
-void gemm_rows(const Rows& A, const MatrixB& B, const float* bias, float* c, int64_t ldc,
-               int64_t m_begin, int64_t m_end, int64_t N) {
-  const int64_t K = A.taps() * A.cin();
-  Scratch b_buf(NC * K);
-  for (int64_t n0 = 0; n0 < N; n0 += NC) {
-    const int64_t nc = N - n0 < NC ? N - n0 : NC;
-    pack_b(B, K, n0, (nc + NR - 1) / NR * NR, N, b_buf.data());
-    multiply(A, b_buf.data(), bias ? bias + n0 : nullptr, c + n0, ldc, m_begin, m_end, nc);
-  }
-}
-
 // Run work(0..count) on up to `count` threads (the caller's among them); threads block in
 // join, never spin. A share whose thread cannot be started runs on the caller's. Returns
 // false when any share failed (out of memory): an exception must not leave a thread.
@@ -384,40 +371,62 @@ bool run_shared(int64_t count, const Work& work) {
   return !failed;
 }
 
-// All M rows, split over `threads` threads in whole MC blocks (no shared rows of C).
-template <class Rows>
-bool gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
-          int64_t ldc, int64_t threads) {
-  const int64_t blocks = (M + MC - 1) / MC;
-  if (threads > blocks) threads = blocks;
+constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// Items 0..count-1 handed out one at a time to up to `threads` threads (the caller's among
+// them). A thread the OS deschedules (another busy process) simply takes fewer items: nobody
+// waits for a fixed share of a slow thread, and nobody spins.
+template <class Item>
+bool parallel_items(int64_t count, int64_t threads, const Item& item) {
+  if (threads > count) threads = count;
   if (threads < 1) threads = 1;
-  return run_shared(threads, [&](int64_t t) {
-    const int64_t lo = blocks * t / threads * MC, hi = blocks * (t + 1) / threads * MC;
-    gemm_rows(A, B, bias, c, ldc, lo, hi < M ? hi : M, N);
+  std::atomic<int64_t> next{0};
+  return run_shared(threads, [&](int64_t) {
+    for (int64_t i = next++; i < count; i = next++) item(i);
   });
 }
 
-constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+// C[M, N] = bias + A @ B on up to `threads` threads: B is packed once (NC-column blocks, by
+// whichever threads are free), then (MC rows x NC columns) tiles of C go to threads as they
+// come free, each tile written by one thread. The packed B (the size of B) is a pooled
+// buffer, kept for the next call.
+template <class Rows>
+bool gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
+          int64_t ldc, int64_t threads) {
+  const int64_t K = A.taps() * A.cin();
+  const int64_t col_blocks = (N + NC - 1) / NC, row_blocks = (M + MC - 1) / MC;
+  try {
+    Scratch packed(round_up(N, NR) * K);
+    float* p = packed.data();
+    const bool ok = parallel_items(col_blocks, threads, [&](int64_t j) {
+      const int64_t n0 = j * NC, nc = N - n0 < NC ? N - n0 : NC;
+      pack_b(B, K, n0, round_up(nc, NR), N, p + n0 * K);
+    });
+    return ok && parallel_items(col_blocks * row_blocks, threads, [&](int64_t t) {
+      // Column block outermost: consecutive tiles reuse one packed block of B.
+      const int64_t n0 = t / row_blocks * NC, m0 = t % row_blocks * MC;
+      const int64_t nc = N - n0 < NC ? N - n0 : NC, m1 = M - m0 < MC ? M : m0 + MC;
+      multiply(A, p + n0 * K, bias ? bias + n0 : nullptr, c + n0, ldc, m0, m1, nc);
+    });
+  } catch (...) {
+    return false;
+  }
+}
 
 // Softmax of scale * x over `rows` rows of `cols` values, row stride ld, in place.
 void softmax_strided(float* x, int64_t rows, int64_t cols, int64_t ld, float scale) {
   for (int64_t r = 0; r < rows; ++r) s2dit_softmax_rows(x + r * ld, x + r * ld, 1, cols, scale);
 }
 
-// [begin, end) of `count` items split into `threads` shares in whole `unit`s: share t's.
-std::pair<int64_t, int64_t> share(int64_t count, int64_t unit, int64_t threads, int64_t t) {
-  const int64_t units = (count + unit - 1) / unit;
-  const int64_t lo = units * t / threads * unit, hi = units * (t + 1) / threads * unit;
-  return {lo < count ? lo : count, hi < count ? hi : count};
-}
+// An elementwise function over count elements on up to `threads` threads, in chunks.
+constexpr int64_t CHUNK = LANES * 4096;
 
-// An elementwise function over count elements on up to `threads` threads.
 template <class Range>
 int elementwise(const float* x, float* out, int64_t count, int64_t threads, Range range) {
   if (count < 0 || threads < 1) return 1;
-  const bool ok = run_shared(threads, [&](int64_t t) {
-    const auto [lo, hi] = share(count, LANES * 64, threads, t);
-    if (hi > lo) range(x + lo, out + lo, hi - lo);
+  const bool ok = parallel_items((count + CHUNK - 1) / CHUNK, threads, [&](int64_t i) {
+    const int64_t lo = i * CHUNK;
+    range(x + lo, out + lo, count - lo < CHUNK ? count - lo : CHUNK);
   });
   return ok ? 0 : 1;
 }
@@ -458,9 +467,10 @@ int s2dit_gelu_tanh(const float* x, float* out, int64_t count, int64_t threads) 
 
 int s2dit_softmax(const float* x, float* out, int64_t rows, int64_t cols, int64_t threads) {
   if (rows < 0 || cols < 1 || threads < 1) return S2DIT_FAILED;
-  const bool ok = run_shared(threads, [&](int64_t t) {
-    const auto [lo, hi] = share(rows, 1, threads, t);
-    if (hi > lo) s2dit_softmax_rows(x + lo * cols, out + lo * cols, hi - lo, cols, 1.0f);
+  const int64_t per = cols < CHUNK ? CHUNK / cols : 1;  // rows per item
+  const bool ok = parallel_items((rows + per - 1) / per, threads, [&](int64_t i) {
+    const int64_t lo = i * per, n = rows - lo < per ? rows - lo : per;
+    s2dit_softmax_rows(x + lo * cols, out + lo * cols, n, cols, 1.0f);
   });
   return ok ? 0 : S2DIT_FAILED;
 }
@@ -495,11 +505,12 @@ int s2dit_attention(int64_t batch, int64_t heads, int64_t lq, int64_t lk, int64_
   const int64_t pairs = batch * heads;
   if (threads > pairs) threads = pairs;
   if (threads < 1) threads = 1;
-  // Heads spread over threads, each with its own buffers.
-  const bool ok = run_shared(threads, [&](int64_t first) {
+  // Heads go to threads as they come free, each thread with its own buffers.
+  std::atomic<int64_t> next{0};
+  const bool ok = run_shared(threads, [&](int64_t) {
     Scratch scores(tile * round_up(lk, 16));
     Scratch packed_k(round_up(lk, NR) * d), packed_v(round_up(d, NR) * lk);
-    for (int64_t p = first; p < pairs; p += threads) {
+    for (int64_t p = next++; p < pairs; p = next++) {
       const int64_t b = p / heads, h = p % heads;
       attention_head(q + b * sq[0] + h * sq[1], sq[2], k + b * sk[0] + h * sk[1], sk[2],
                      v + b * sv[0] + h * sv[1], sv[2], out + b * so[0] + h * so[1], so[2], lq,

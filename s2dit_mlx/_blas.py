@@ -17,9 +17,9 @@ Threads: one OpenBLAS thread unless OPENBLAS_NUM_THREADS (or GOTO_/OMP_NUM_THREA
 otherwise. OpenBLAS's threads wait for each other by spinning, inside every product and for a
 while after it: with another CPU-bound process on the machine a waiting thread burns the time
 slice its partner needs, and generation ran 10-40x slower with 2 threads than with 1
-(benchmarks/contention.py). OPENBLAS_THREAD_TIMEOUT=4 (sleep at once between calls) cut that
-to 1.6-5x here, still far from 1, and a thread count picked from the load at start-up is wrong
-as soon as another job starts. The other cores are used by the CPU kernels
+(benchmarks/contention.py). OPENBLAS_THREAD_TIMEOUT=4 (sleep at once between calls) left it
+1.6-20x slower than the default in our runs, and a thread count picked from the load at start-up is
+wrong as soon as another job starts. The other cores are used by the CPU kernels
 (s2dit_mlx/kernels), whose threads block instead of spinning; their GEMM replaces OpenBLAS's
 where it measures faster on the machine (see `s2dit info --kernels`).
 """

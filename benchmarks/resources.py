@@ -57,7 +57,9 @@ if kind == "generate":
     from s2dit_mlx.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
-    s2dit_mlx.kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
+    from s2dit_mlx import kernels
+
+    kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
     est = pipe.estimate(height=size, width=size)
     before = rss()  # model loaded (weights still lazy): what the CLI has when it checks
     mx.reset_peak_memory()

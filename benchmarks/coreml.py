@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from s2dit_mlx import setup_blas
+
+setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
 import mlx.core as mx

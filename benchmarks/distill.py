@@ -28,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from s2dit_mlx import setup_blas
+
+setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
+from s2dit_mlx import kernels
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.world.evaluate import coherence, evaluate, object_track, summarise
 from s2dit_mlx.world.shapes import random_prompt
@@ -82,6 +85,7 @@ def main() -> None:
     for text in opts.model:
         name, folder, overrides = parse_model(text)
         pipe = Pipeline.from_pretrained(folder)
+        kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)  # as `s2dit generate`
         settings = {**{k: pipe.defaults[k] for k in SETTING_TYPES}, **overrides}
         models[name] = {
             "pipe": pipe,

@@ -2,7 +2,7 @@
 
 Each configuration runs in its own subprocess so that which BLAS gets loaded is decided cleanly:
 
-- ``mlx``:           ``import s2dit_mlx`` first (loads OpenBLAS on Linux), then MLX matmuls.
+- ``mlx``:           ``s2dit_mlx.setup_blas()`` first (loads OpenBLAS on Linux), then MLX matmuls.
 - ``numpy``:         numpy's own BLAS on the same machine, for comparison.
 - ``mlx_reference``: MLX with ``S2DIT_NO_OPENBLAS=1``, i.e. what the ``mlx[cpu]`` wheel links.
 
@@ -114,8 +114,9 @@ def worker(kind: str, sizes: list[int], repeats: int) -> dict:
         # numpy's wheels bundle their OpenBLAS under numpy.libs (Linux) or numpy/.dylibs (macOS)
         out["openblas"] = _openblas_kernels("numpy")
     else:
-        import s2dit_mlx  # noqa: F401  (must precede mlx.core: loads OpenBLAS)
         from s2dit_mlx import _blas
+
+        _blas.setup_blas()  # before mlx.core (OpenBLAS; S2DIT_NO_OPENBLAS=1: the reference)
         from s2dit_mlx.info import gemm_gflops
 
         # The reference BLAS manages ~5 GFLOP/s: fewer repeats keep the run short.

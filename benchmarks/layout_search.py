@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from s2dit_mlx import setup_blas
+
+setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
 import mlx.core as mx

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from s2dit_mlx import setup_blas
+
+setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
+from s2dit_mlx import kernels
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.sampling import SAMPLERS
@@ -49,6 +52,7 @@ def main() -> None:
     opts = parser.parse_args()
 
     pipe = Pipeline.from_pretrained(opts.model)
+    kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)  # as `s2dit generate`
     overrides = {
         k: getattr(opts, k)
         for k in ("guidance", "steps", "shift", "solver")

@@ -128,8 +128,58 @@ def coreml_table(r: dict) -> list[str]:
     return lines
 
 
+def _ratio(row: dict, key: str) -> str:
+    """A median ratio and, where kept, the range over the rounds: "1.12 (1.05-1.20)"."""
+    spread = row.get(f"{key}_range")
+    text = f"{row[key]:.2f}"
+    return text + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+
+
+def _wan_processes_table(r: dict) -> list[str]:
+    """The Wan teacher vs PyTorch, each side in its own process (the current format)."""
+    d = r.get("dit", {})
+    fast = d.get("sides", {}).get("mlx_fast", {})
+    lines = [
+        f"**Wan teacher, MLX vs PyTorch {r['torch']} + diffusers {r['diffusers']}** (CPU, "
+        f"{r['machine']['cpus']} cores; each side in its own process, timed in turns; torch "
+        f"on {r['torch_threads']} threads; MLX with the CPU fast path (OpenBLAS "
+        f"{fast.get('openblas_threads', '?')} thread(s), CPU kernels "
+        f"{fast.get('kernel_threads', '?')} threads) and without it (plain MLX on OpenBLAS); "
+        f"seconds, medians of {d.get('rounds', r.get('dit_repeats'))} rounds; "
+        "`benchmarks/wan_vs_torch.py`)",
+        "",
+        "| what | size | torch | MLX, fast path | torch / MLX | MLX, plain | torch / MLX plain "
+        "| max error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in d.get("rows", []):
+        sec = row["seconds"]
+        lines.append(
+            f"| DiT forward, {row['layers']} layers, dim {d['dim']}, fp32 | {row['tokens']} "
+            f"tokens | {sec['torch']:.2f} | {sec['mlx_fast']:.2f} | "
+            f"{_ratio(row, 'torch_over_mlx_fast')} | {sec['mlx_plain']:.2f} | "
+            f"{_ratio(row, 'torch_over_mlx_plain')} | {row['max_rel_err']['mlx_fast']:.1e} (rel) |"
+        )
+    if "vae" in r:
+        v = r["vae"]
+        plain = v.get("mlx_plain_s")
+        plain_cells = "- | -" if plain is None else f"{plain:.1f} | {v['torch_s'] / plain:.2f}"
+        lines.append(
+            f"| Wan2.1 VAE decode, fp32 | {v['latent_frames']}x{v['latent_grid'][0]}x"
+            f"{v['latent_grid'][1]} latents -> {v['pixel_frames']} frames | {v['torch_s']:.1f} | "
+            f"{v['mlx_s']:.1f} | {v['torch_over_mlx']:.2f} | {plain_cells} | "
+            f"{v['max_abs_err']:.1e} (abs) |"
+        )
+    if r.get("mlx_cpu_kernels"):
+        lines += ["", f"CPU kernels chosen by measurement in the fast-path process: "
+                  f"{r['mlx_cpu_kernels']}."]  # fmt: skip
+    return lines
+
+
 def wan_vs_torch_table(r: dict) -> list[str]:
     """The Wan teacher vs PyTorch: speed ratios, errors and peak memory."""
+    if r.get("dit", {}).get("format") == "processes":
+        return _wan_processes_table(r) + _wan_memory_table(r)
     lines = [
         f"**Wan teacher, MLX vs PyTorch {r['torch']} + diffusers {r['diffusers']}** (CPU, "
         f"torch threads {r['torch_threads']}, MLX BLAS threads "
@@ -169,6 +219,12 @@ def wan_vs_torch_table(r: dict) -> list[str]:
             f"{v['latent_grid'][1]} latents -> {v['pixel_frames']} frames | {v['torch_s']:.1f} | "
             f"{v['mlx_s']:.1f} | {v['torch_over_mlx']:.2f} | - | {v['max_abs_err']:.1e} (abs) |"
         )
+    return lines + _wan_memory_table(r)
+
+
+def _wan_memory_table(r: dict) -> list[str]:
+    """Conversion and one denoising step: peak memory and time."""
+    lines = []
     if "convert" in r or "steps" in r:
         lines += ["", "| memory | size | peak | time |", "|---|---|---|---|"]
     if "convert" in r:
@@ -372,7 +428,25 @@ def attention_summary(r: dict) -> list[tuple[str, str]]:
 
 def wan_vs_torch_summary(r: dict) -> list[tuple[str, str]]:
     rows = []
-    if "dit" in r:
+    if r.get("dit", {}).get("format") == "processes":
+        d = r["dit"]["rows"]
+
+        def span(key: str) -> str:
+            lo, hi = min(row[key] for row in d), max(row[key] for row in d)
+            return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+        layers = sorted({row["layers"] for row in d})
+        tokens = sorted({row["tokens"] for row in d})
+        rows.append(
+            (
+                "Wan DiT forward vs PyTorch, each side on all cores in its own process "
+                "(`wan_vs_torch.py`)",
+                f"torch time / MLX time {span('torch_over_mlx_fast')} with the CPU fast path, "
+                f"{span('torch_over_mlx_plain')} without it ({'-'.join(map(str, layers))} layers"
+                f", {'-'.join(map(str, tokens))} tokens)",
+            )
+        )
+    elif "dit" in r:
         ratios = ", ".join(
             f"{row['torch_over_mlx']:.2f} at {row['tokens']} tokens" for row in r["dit"]["rows"]
         )

@@ -32,6 +32,7 @@ HERE = Path(__file__).parent
 CHILD = r"""
 import json, os, resource, sys, tempfile, time
 import s2dit_mlx
+s2dit_mlx.setup_blas()  # what `s2dit generate` does: OpenBLAS, then its models on the kernels
 import mlx.core as mx
 
 
@@ -56,6 +57,9 @@ if kind == "generate":
     from s2dit_mlx.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
+    from s2dit_mlx import kernels
+
+    kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
     est = pipe.estimate(height=size, width=size)
     before = rss()  # model loaded (weights still lazy): what the CLI has when it checks
     mx.reset_peak_memory()

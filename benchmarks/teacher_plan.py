@@ -17,7 +17,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+from s2dit_mlx import setup_blas
+
+setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
 from s2dit_mlx.coreml.cost import call_flops

@@ -1,34 +1,42 @@
-"""The Wan teacher in MLX vs PyTorch + diffusers on the CPU: same random weights, side by side.
+"""The Wan teacher in MLX vs PyTorch + diffusers on the CPU: same weights, each side in its own
+process, all on every core, timed in turns.
 
 Writes benchmarks/results/wan_vs_torch.json and prints a markdown table:
 
-- DiT forward at Wan-1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096), 4 layers,
-  at 1560 and 4680 tokens (1 and 3 latent frames of a 480x832 video), fp32:
-  diffusers WanTransformer3DModel vs our S2DiT (all layers "full") with its weights;
+- DiT forward at Wan-1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096), 2 and 4
+  layers, at 1560 and 4680 tokens (1 and 3 latent frames of a 480x832 video), fp32. Three
+  sides, each a worker process of this script that loads the same random weights (one
+  diffusers WanTransformer3DModel, randomised once and saved as safetensors; the 2-layer
+  model is its first 2 blocks):
+    torch      diffusers on PyTorch, torch.set_num_threads(os.cpu_count()); the process never
+               imports s2dit_mlx (nothing of ours is loaded beside it);
+    mlx_fast   our S2DiT with the Linux CPU fast path: setup_blas() (OpenBLAS, its default
+               threads) and kernels.enable() (each kernel kind measured at its first use);
+    mlx_plain  our S2DiT on plain MLX with OpenBLAS (setup_blas() only).
+  Every round runs torch, mlx_fast, mlx_plain in turns (a slow spell of the machine lands on
+  every side), `--dit-repeats` rounds after a warm-up; medians of the times and of the ratios
+  of each round are kept, with their range;
 - VAE decode of 5 latent frames at 60x104 (17 frames of 480x832), Wan2.1 VAE at full width:
-  diffusers AutoencoderKLWan vs our WanVAE, one latent frame per pass on both sides;
+  diffusers AutoencoderKLWan vs our WanVAE (fast path), workers as above, one latent frame per
+  pass on both sides (`--vae-plain`: our plain path too, slow);
 - peak memory (peak RSS of a fresh process) of `python -m convert.wan` on a random
   1.3B-shaped bf16 checkpoint (original layout), and peak MLX memory (mx.get_peak_memory)
   of one denoising step (CFG: two forwards + a UniPC step) of the converted 30-layer model
-  with bf16 weights.
+  with bf16 weights (in this process, plain MLX).
 
-The DiT runs torch and MLX in turns, `--dit-repeats` times each after a warm-up, and keeps
-the medians (times, and the ratio of each pair); the VAE figure is one timed run
-(`--repeats` for more; the median is kept).
-Torch runs with `--threads` threads (default 2); MLX's OpenBLAS with its default (all cores),
-or OPENBLAS_NUM_THREADS (recorded; `--threads 1` with OPENBLAS_NUM_THREADS=1 pins both to 1).
 On this CPU, MLX has no fast bf16 GEMM (~20x slower than fp32), so the all-bf16 step
 (Pipeline(dtype="bfloat16").denoise) runs at a small size (`--step-bf16-grid`), and the step
 at 1560 tokens keeps the bf16 weights as stored but computes in float32 (float32 inputs: the
 matmuls promote; the weights are not upcast in memory).
 
-    python benchmarks/wan_vs_torch.py            # full sizes (~20 min on 2 cores)
-    python benchmarks/wan_vs_torch.py --small    # same code at small sizes (~1 min)
+    python benchmarks/wan_vs_torch.py            # full sizes (~30 min on 2 cores)
+    python benchmarks/wan_vs_torch.py --small    # same code at small sizes (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -39,15 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
-
-# isort: split
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from report import wan_vs_torch_table
-
-from s2dit_mlx.kernels import cpu as cpu_kernels
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -56,30 +57,15 @@ RESULT = HERE / "results" / "wan_vs_torch.json"
 # Wan2.1-T2V-1.3B
 DIM, HEADS, FFN, TEXT_DIM, TEXT_LEN, FREQ_DIM, Z = 1536, 12, 8960, 4096, 512, 256, 16
 FULL_GRID = (60, 104)  # latents of a 480x832 frame; 30x52 = 1560 tokens per latent frame
+SIDES = ("torch", "mlx_fast", "mlx_plain")
 
 
-def timed(fn, repeats: int):
-    """(median wall time, last result) of `repeats` calls of fn (each call blocks until done)."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def timed_alternating(fn_a, fn_b, repeats: int):
-    """Times of fn_a and fn_b called in turns (a, b, a, b, ...) and their last results.
-
-    Taken in turns, a slow spell of the machine lands on both sides instead of one.
-    """
-    times, outs = ([], []), [None, None]
-    for _ in range(repeats):
-        for side, fn in enumerate((fn_a, fn_b)):
-            start = time.perf_counter()
-            outs[side] = fn()
-            times[side].append(time.perf_counter() - start)
-    return times[0], times[1], outs[0], outs[1]
+# ----------------------------------------------------------------------------------------------
+# Workers: one process per side, driven by JSON lines on stdin / stdout
 
 
 def randomise_torch(module, seed: int) -> None:
@@ -98,159 +84,337 @@ def randomise_torch(module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def torch_weights_to_mx(module) -> dict[str, mx.array]:
-    return {k: mx.array(v.detach().float().numpy()) for k, v in module.state_dict().items()}
+def make_weights(kind: str, folder: Path, layers: int) -> None:
+    """A random diffusers model (`kind` "dit": `layers` blocks; "vae": the Wan2.1 VAE) saved as
+    folder/KIND.safetensors with its config as folder/KIND.json (a torch-side worker job)."""
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    if kind == "dit":
+        model = diffusers.WanTransformer3DModel(
+            num_attention_heads=HEADS, attention_head_dim=DIM // HEADS, in_channels=Z,
+            out_channels=Z, text_dim=TEXT_DIM, freq_dim=FREQ_DIM, ffn_dim=FFN,
+            num_layers=layers,
+        )  # fmt: skip
+    else:
+        model = diffusers.AutoencoderKLWan()  # the Wan2.1 VAE architecture
+    randomise_torch(model, 0 if kind == "dit" else 1)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / f"{kind}.safetensors"))
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()}
+    (folder / f"{kind}.json").write_text(json.dumps(config))
 
 
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+def _first_blocks(weights: dict, layers: int | None) -> dict:
+    """The weights of a model with only its first `layers` blocks (None: all)."""
+    if layers is None:
+        return weights
+    return {
+        k: v
+        for k, v in weights.items()
+        if not k.startswith("blocks.") or int(k.split(".")[1]) < layers
+    }
+
+
+class TorchSide:
+    """diffusers on PyTorch, every core; this process never imports s2dit_mlx."""
+
+    def __init__(self, kind: str, folder: Path, layers: int | None, threads: int):
+        import diffusers
+        import torch
+        from safetensors.torch import load_file
+
+        torch.set_num_threads(threads)
+        self.torch, self.kind = torch, kind
+        config = json.loads((folder / f"{kind}.json").read_text())
+        if kind == "dit":
+            config["num_layers"] = layers
+            self.model = diffusers.WanTransformer3DModel.from_config(config)
+        else:
+            self.model = diffusers.AutoencoderKLWan.from_config(config)
+        weights = _first_blocks(load_file(str(folder / f"{kind}.safetensors")), layers)
+        self.model.load_state_dict(weights, strict=True)
+        self.model.eval()
+        self.inputs = None
+
+    def describe(self) -> dict:
+        return {
+            "torch": self.torch.__version__,
+            "threads": self.torch.get_num_threads(),
+            "imports_s2dit_mlx": any(m.startswith("s2dit_mlx") for m in sys.modules),
+        }
+
+    def load(self, path: str) -> None:
+        data = np.load(path)
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(data["x"].transpose(0, 4, 1, 2, 3)))
+        if self.kind == "dit":
+            t, ctx = torch.from_numpy(data["t"]), torch.from_numpy(data["context"])
+            self.inputs = (x, t, ctx)
+        else:
+            self.inputs = (x,)
+
+    def run(self) -> np.ndarray:
+        with self.torch.inference_mode():
+            if self.kind == "dit":
+                x, t, ctx = self.inputs
+                out = self.model(x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+            else:
+                out = self.model.decode(self.inputs[0], return_dict=False)[0]
+        return out.float().numpy().transpose(0, 2, 3, 4, 1)  # ours: [B, T, H, W, C]
+
+
+class MLXSide:
+    """Our model on MLX: with the Linux CPU fast path (`fast`) or plain, OpenBLAS either way."""
+
+    def __init__(self, kind: str, folder: Path, layers: int | None, fast: bool):
+        from s2dit_mlx import setup_blas
+
+        setup_blas()  # an entry point: OpenBLAS before mlx.core, as `s2dit` does
+        import mlx.core as mx
+
+        from s2dit_mlx import kernels
+
+        self.mx, self.kernels, self.kind = mx, kernels, kind
+        config = json.loads((folder / f"{kind}.json").read_text())
+        weights = _first_blocks(mx.load(str(folder / f"{kind}.safetensors")), layers)
+        if kind == "dit":
+            from s2dit_mlx.models.s2dit import S2DiT
+            from s2dit_mlx.models.wan import args_from_diffusers_config, sanitize
+
+            config["num_layers"] = layers
+            self.model = S2DiT(args_from_diffusers_config(config))
+            self.model.load_weights(list(sanitize(weights).items()), strict=True)
+        else:
+            from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
+
+            self.model = WanVAE(WanVAEConfig.from_diffusers_config(config))
+            self.model.load_weights(list(self.model.sanitize(weights).items()), strict=True)
+        mx.eval(self.model.parameters())
+        self.swapped = kernels.enable(self.model) if fast else 0
+        self.inputs = None
+
+    def describe(self) -> dict:
+        from s2dit_mlx import _blas
+
+        return {
+            "mlx": self.mx.__version__,
+            "blas": _blas.describe(),
+            "openblas_threads": _blas.openblas_threads,
+            "kernel_threads": self.kernels.cpu.gemm_threads(),
+            "kernel_modules": self.swapped,
+            # each kind's choice and measured speeds (after the first run)
+            "kernel_choices": [m.line() for m in self.kernels.measurements()],
+        }
+
+    def load(self, path: str) -> None:
+        mx = self.mx
+        data = np.load(path)
+        if self.kind == "dit":
+            self.inputs = tuple(mx.array(data[k]) for k in ("x", "t", "context"))
+        else:
+            self.inputs = (self.model.normalize(mx.array(data["x"])),)  # decode() denormalises
+        mx.eval(self.inputs)
+
+    def run(self) -> np.ndarray:
+        if self.kind == "dit":
+            out = self.model(*self.inputs)
+        else:
+            out = self.model.decode(self.inputs[0])
+        self.mx.eval(out)
+        return out
+
+    def peak_mb(self) -> float:
+        return self.mx.get_peak_memory() / 1e6
+
+
+def worker(opts) -> None:
+    """A side's process: load the model, then answer commands (JSON lines) until "quit"."""
+    folder, layers = Path(opts.folder), (opts.layers[0] if opts.layers else None)
+    if opts.worker == "make":
+        make_weights(opts.kind, folder, layers)
+        return
+    if opts.worker == "torch":
+        side = TorchSide(opts.kind, folder, layers, opts.threads or os.cpu_count())
+    else:
+        side = MLXSide(opts.kind, folder, layers, fast=opts.worker == "mlx_fast")
+
+    def reply(**fields) -> None:
+        print(json.dumps(fields), flush=True)
+
+    reply(ready=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        if cmd["cmd"] == "load":
+            side.load(cmd["path"])
+            reply(ok=True)
+        elif cmd["cmd"] == "run":
+            start = time.perf_counter()
+            out = side.run()
+            seconds = time.perf_counter() - start
+            if cmd.get("save"):
+                np.save(cmd["save"], np.array(out))
+            reply(seconds=seconds, peak_mb=getattr(side, "peak_mb", lambda: None)())
+        elif cmd["cmd"] == "describe":
+            reply(**side.describe())
+
+
+class Worker:
+    """The parent's handle on one side's process."""
+
+    def __init__(self, side: str, kind: str, folder: Path, layers: int | None, threads: int):
+        cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--folder", str(folder)]
+        if layers is not None:
+            cmd += ["--layers", str(layers)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.side = side
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()  # ready: the model is loaded
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.side} worker died (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def in_turns(workers: dict[str, Worker], inputs: Path, rounds: int, scratch: Path) -> dict:
+    """A warm-up run of every side, then `rounds` rounds of one run per side in turns; the
+    last round saves every side's output, and each MLX side's error is taken against torch."""
+    for w in workers.values():
+        w.ask(cmd="load", path=str(inputs))
+        w.ask(cmd="run")  # warm-up at this size: thread pools, caches, the kernels' choices
+    times: dict[str, list[float]] = {side: [] for side in workers}
+    peaks: dict[str, float | None] = {}
+    for r in range(rounds):
+        for side, w in workers.items():
+            save = str(scratch / f"{side}.npy") if r == rounds - 1 else None
+            res = w.ask(cmd="run", save=save)
+            times[side].append(res["seconds"])
+            peaks[side] = res.get("peak_mb")
+    outs = {side: np.load(scratch / f"{side}.npy") for side in workers}
+    row: dict = {
+        "seconds": {side: statistics.median(t) for side, t in times.items()},
+        "times_s": times,
+        "mlx_peak_mb": {side: peaks[side] for side in workers if side != "torch"},
+        "max_rel_err": {
+            side: rel_err(out, outs["torch"]) for side, out in outs.items() if side != "torch"
+        },
+    }
+    for side in workers:
+        if side != "torch":
+            ratios = [a / b for a, b in zip(times["torch"], times[side], strict=True)]
+            row[f"torch_over_{side}"] = statistics.median(ratios)
+            row[f"torch_over_{side}_range"] = [min(ratios), max(ratios)]
+    return row
+
+
+def _describe(workers: dict[str, Worker]) -> dict:
+    return {side: w.ask(cmd="describe") for side, w in workers.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # DiT forward
 
 
-def bench_dit(token_frames: list[int], grid, layers: int, repeats: int) -> dict:
-    """diffusers WanTransformer3DModel vs our S2DiT at 1.3B width, `layers` blocks, fp32."""
-    import diffusers
-    import torch
-
-    from s2dit_mlx.models.s2dit import S2DiT
-    from s2dit_mlx.models.wan import args_from_diffusers_config, sanitize
-
-    ref = diffusers.WanTransformer3DModel(
-        num_attention_heads=HEADS,
-        attention_head_dim=DIM // HEADS,
-        in_channels=Z,
-        out_channels=Z,
-        text_dim=TEXT_DIM,
-        freq_dim=FREQ_DIM,
-        ffn_dim=FFN,
-        num_layers=layers,
-    ).eval()
-    randomise_torch(ref, 0)
-    ours = S2DiT(args_from_diffusers_config(dict(ref.config)))
-    ours.load_weights(list(sanitize(torch_weights_to_mx(ref)).items()), strict=True)
-    mx.eval(ours.parameters())
-
+def bench_dit(
+    folder: Path, layer_counts: list[int], token_frames: list[int], grid, rounds: int, threads: int
+) -> dict:
+    """Each side in its own process at every (layers, tokens), in turns; see the top."""
     rng = np.random.default_rng(0)
     context = np.zeros((1, TEXT_LEN, TEXT_DIM), np.float32)
     context[0, :20] = rng.standard_normal((20, TEXT_DIM))  # a 20-token prompt, zero-padded
-    t = np.array([500.0], np.float32)
-    rows = []
+    inputs = {}
     for frames in token_frames:
         x = rng.standard_normal((1, frames, *grid, Z)).astype(np.float32)
-        tx, tt, tc = (
-            torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))),
-            torch.from_numpy(t),
-            torch.from_numpy(context),
-        )
-        mxx, mxt, mxc = mx.array(x), mx.array(t), mx.array(context)
-
-        def run_torch(tx=tx, tt=tt, tc=tc):
-            with torch.inference_mode():
-                return ref(tx, timestep=tt, encoder_hidden_states=tc, return_dict=False)[0]
-
-        def run_mlx(mxx=mxx, mxt=mxt, mxc=mxc, kernels=True):
-            with cpu_kernels.enabled(kernels):
-                out = ours(mxx, mxt, mxc)
-                mx.eval(out)
-            return out
-
-        run_torch(), run_mlx()  # warm-up at this size: thread pools, allocator caches
-        mx.reset_peak_memory()
-        torch_times, mlx_times, ref_out, out = timed_alternating(run_torch, run_mlx, repeats)
-        mlx_peak = mx.get_peak_memory()
-        torch_s, mlx_s = statistics.median(torch_times), statistics.median(mlx_times)
-        ratios = [a / b for a, b in zip(torch_times, mlx_times, strict=True)]
-        # MLX's own matmuls and exp/tanh, for the record (what our CPU kernels replace).
-        builtin_s, _ = timed(lambda: run_mlx(kernels=False), 1)
-        err = rel_err(np.array(out), ref_out.numpy().transpose(0, 2, 3, 4, 1))
-        tokens = frames * (grid[0] // 2) * (grid[1] // 2)
-        rows.append(
-            {
-                "tokens": tokens,
-                "latent_frames": frames,
-                "torch_s": torch_s,
-                "mlx_s": mlx_s,
-                "mlx_builtin_ops_s": builtin_s,
-                "torch_over_mlx": statistics.median(ratios),
-                "torch_over_mlx_range": [min(ratios), max(ratios)],
-                "torch_times_s": torch_times,
-                "mlx_times_s": mlx_times,
-                "mlx_peak_mb": mlx_peak / 1e6,
-                "max_rel_err": err,
-            }
-        )
-        print(
-            f"  DiT {tokens} tokens: torch {torch_s:.2f} s, mlx {mlx_s:.2f} s "
-            f"(no CPU kernels: {builtin_s:.2f} s) "
-            f"(torch/mlx {statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f} "
-            f"over {repeats} runs in turns), rel err {err:.1e}",
-            flush=True,
-        )
-    return {"dim": DIM, "heads": HEADS, "ffn_dim": FFN, "layers": layers, "rows": rows}
+        inputs[frames] = folder / f"dit-input-{frames}.npz"
+        np.savez(inputs[frames], x=x, t=np.array([500.0], np.float32), context=context)
+    rows, sides = [], {}
+    for layers in layer_counts:
+        workers = {side: Worker(side, "dit", folder, layers, threads) for side in SIDES}
+        try:
+            for frames in token_frames:
+                tokens = frames * (grid[0] // 2) * (grid[1] // 2)
+                row = in_turns(workers, inputs[frames], rounds, folder)
+                rows.append({"layers": layers, "tokens": tokens, "latent_frames": frames, **row})
+                sec = row["seconds"]
+                print(
+                    f"  DiT {layers} layers, {tokens} tokens: torch {sec['torch']:.2f} s, "
+                    f"mlx fast path {sec['mlx_fast']:.2f} s "
+                    f"(torch/mlx {row['torch_over_mlx_fast']:.2f}), plain "
+                    f"{sec['mlx_plain']:.2f} s (torch/mlx {row['torch_over_mlx_plain']:.2f}); "
+                    f"rel err {row['max_rel_err']['mlx_fast']:.1e}",
+                    flush=True,
+                )
+            sides = _describe(workers)
+        finally:
+            for w in workers.values():
+                w.close()
+    return {
+        "format": "processes",
+        "dim": DIM,
+        "heads": HEADS,
+        "ffn_dim": FFN,
+        "rounds": rounds,
+        "sides": sides,
+        "rows": rows,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # VAE decode
 
 
-def bench_vae(latent_frames: int, grid, repeats: int) -> dict:
-    """diffusers AutoencoderKLWan.decode vs our WanVAE.decode, Wan2.1 VAE, fp32."""
-    import diffusers
-    import torch
-
-    from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
-
-    ref = diffusers.AutoencoderKLWan().eval()  # the Wan2.1 VAE architecture
-    randomise_torch(ref, 1)
-    config = WanVAEConfig.from_diffusers_config(dict(ref.config))
-    ours = WanVAE(config)
-    ours.load_weights(list(ours.sanitize(torch_weights_to_mx(ref)).items()), strict=True)
-    mx.eval(ours.parameters())
-
-    rng = np.random.default_rng(1)
-    raw = rng.standard_normal((1, latent_frames, *grid, Z)).astype(np.float32)
-    traw = torch.from_numpy(np.ascontiguousarray(raw.transpose(0, 4, 1, 2, 3)))
-    znorm = ours.normalize(mx.array(raw))  # ours denormalises inside decode()
-
-    def run_torch():
-        with torch.inference_mode():
-            return ref.decode(traw, return_dict=False)[0]
-
-    def run_mlx():
-        with cpu_kernels.enabled():
-            out = ours.decode(znorm)
-            mx.eval(out)
-        return out
-
-    small = (1, 2, 8, 8, Z)  # warm-up on a small input
-    with torch.inference_mode():
-        ref.decode(torch.zeros(1, Z, 2, 8, 8))
-    mx.eval(ours.decode(mx.zeros(small)))
-    torch_s, ref_out = timed(run_torch, repeats)
-    ref_out = ref_out.float().numpy().transpose(0, 2, 3, 4, 1)
-    mx.reset_peak_memory()
-    mlx_s, ours_out = timed(run_mlx, repeats)
-    mlx_peak = mx.get_peak_memory()
-    ours_out = np.array(ours_out)
-    frames = ours_out.shape[1]
+def bench_vae(
+    folder: Path, latent_frames: int, grid, rounds: int, threads: int, plain: bool
+) -> dict:
+    """diffusers AutoencoderKLWan.decode vs our WanVAE.decode (fast path; `plain` too), fp32."""
+    raw = np.random.default_rng(1).standard_normal((1, latent_frames, *grid, Z))
+    inputs = folder / "vae-input.npz"
+    np.savez(inputs, x=raw.astype(np.float32))
+    sides = ("torch", "mlx_fast", "mlx_plain") if plain else ("torch", "mlx_fast")
+    workers = {side: Worker(side, "vae", folder, None, threads) for side in sides}
+    try:
+        row = in_turns(workers, inputs, rounds, folder)
+        described = _describe(workers)
+    finally:
+        for w in workers.values():
+            w.close()
+    frames = int(np.load(folder / "torch.npy").shape[1])
+    sec = row["seconds"]
     print(
-        f"  VAE {latent_frames}x{grid[0]}x{grid[1]} -> {frames} frames: torch {torch_s:.1f} s, "
-        f"mlx {mlx_s:.1f} s (torch/mlx {torch_s / mlx_s:.2f})",
+        f"  VAE {latent_frames}x{grid[0]}x{grid[1]} -> {frames} frames: torch "
+        f"{sec['torch']:.1f} s, mlx {sec['mlx_fast']:.1f} s "
+        f"(torch/mlx {row['torch_over_mlx_fast']:.2f})",
         flush=True,
     )
+    torch_out = np.load(folder / "torch.npy")
     return {
         "latent_frames": latent_frames,
         "latent_grid": list(grid),
         "pixel_frames": frames,
-        "base_dim": config.base_dim,
-        "torch_s": torch_s,
-        "mlx_s": mlx_s,
-        "torch_over_mlx": torch_s / mlx_s,
-        "mlx_peak_mb": mlx_peak / 1e6,
-        "max_abs_err": float(np.abs(ours_out - ref_out).max()),
+        "torch_s": sec["torch"],
+        "mlx_s": sec["mlx_fast"],
+        "mlx_plain_s": sec.get("mlx_plain"),
+        "torch_over_mlx": row["torch_over_mlx_fast"],
+        "mlx_peak_mb": row["mlx_peak_mb"]["mlx_fast"],
+        "max_abs_err": float(np.abs(np.load(folder / "mlx_fast.npy") - torch_out).max()),
+        "sides": described,
     }
 
 
@@ -260,6 +424,9 @@ def bench_vae(latent_frames: int, grid, repeats: int) -> dict:
 
 def write_random_checkpoint(folder: Path, layers: int) -> int:
     """A random 1.3B-shaped (`layers` blocks) bf16 Wan DiT in the original layout; bytes."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     from s2dit_mlx.models.s2dit import S2DiT
     from s2dit_mlx.models.wan import wan_model_args
 
@@ -326,6 +493,9 @@ def bench_step(folder: Path, grid, latent_frames: int, compute: str) -> dict:
     bf16); "float32-activations": the same step (two forwards, CFG, one UniPC step) with the
     converted bf16 weights left as stored and float32 inputs (matmuls promote to float32).
     """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     from s2dit_mlx import sampling
     from s2dit_mlx.loading import load_dit
     from s2dit_mlx.models.wan_vae import WanVAE, WanVAEConfig
@@ -393,15 +563,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes, to check the script")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="timed runs per VAE figure (median kept)"
+        "--repeats", type=int, default=1, help="VAE: timed rounds of the sides in turns"
     )
     parser.add_argument(
         "--dit-repeats",
         type=int,
         default=5,
-        help="DiT: timed runs of each side, in turns (torch, MLX, torch, ...); medians kept",
+        help="DiT: timed rounds of the sides in turns (torch, MLX fast path, MLX plain, ...)",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="DiT layer counts (default: 2 4)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: os.cpu_count())"
+    )
+    parser.add_argument("--vae-plain", action="store_true", help="VAE: our plain path too")
     parser.add_argument(
         "--only", default="dit,vae,convert,step", help="comma-separated parts to run"
     )
@@ -420,31 +596,43 @@ def main() -> None:
         action="store_true",
         help="with --only: keep the parts not run from the existing JSON (marked as earlier)",
     )
+    # A side's process (started by this script): --worker SIDE --kind dit|vae --folder DIR
+    parser.add_argument("--worker", choices=["make", *SIDES], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["dit", "vae"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.worker:
+        worker(opts)
+        return
     parts = set(opts.only.split(","))
+    threads = opts.threads or os.cpu_count()
 
-    import diffusers
-    import torch
-
-    torch.set_num_threads(opts.threads)
     if opts.small:
-        dit_grid, dit_frames, vae_grid, vae_frames, layers = (8, 14), [1, 3], (8, 14), 5, 2
+        dit_grid, dit_frames, vae_grid, vae_frames, step_layers = (8, 14), [1, 3], (8, 14), 5, 2
+        layer_counts = opts.layers or [2]
         step_grid_fp32, step_grid_bf16 = (8, 14), (4, 6)
     else:
-        dit_grid, dit_frames, vae_grid, vae_frames, layers = FULL_GRID, [1, 3], FULL_GRID, 5, 30
+        dit_grid, dit_frames, vae_grid, vae_frames, step_layers = (
+            FULL_GRID,
+            [1, 3],
+            FULL_GRID,
+            5,
+            30,
+        )
+        layer_counts = opts.layers or [2, 4]
         step_grid_fp32, step_grid_bf16 = FULL_GRID, tuple(opts.step_bf16_grid)
     result = {
         "benchmark": "wan_vs_torch",
         "small": opts.small,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "mlx": mx.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "torch_threads": opts.threads,
+        # (read from the installed packages: this process imports neither torch nor diffusers)
+        "mlx": importlib.metadata.version("mlx"),
+        "torch": importlib.metadata.version("torch"),
+        "diffusers": importlib.metadata.version("diffusers"),
+        "torch_threads": threads,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "repeats": opts.repeats,
         "dit_repeats": opts.dit_repeats,
-        "mlx_cpu_kernels": cpu_kernels.status(),
         # other work on the machine skews the timings: recorded at the start and the end
         "load_average_start": os.getloadavg()[0],
     }
@@ -461,17 +649,32 @@ def main() -> None:
             "mlx_cpu_kernels": previous.get("mlx_cpu_kernels", "not used (before the kernels)"),
         }
     started = time.perf_counter()
-    if "dit" in parts:
-        result["dit"] = bench_dit(dit_frames, dit_grid, 4, opts.dit_repeats)
-    if "vae" in parts:
-        result["vae"] = bench_vae(vae_frames, vae_grid, opts.repeats)
+    with tempfile.TemporaryDirectory(dir=opts.workdir, prefix="wan-bench-") as tmp:
+        folder = Path(tmp)
+        if "dit" in parts:
+            cmd = [sys.executable, __file__, "--worker", "make", "--kind", "dit"]
+            subprocess.run([*cmd, "--folder", tmp, "--layers", str(max(layer_counts))], check=True)
+            result["dit"] = bench_dit(
+                folder, layer_counts, dit_frames, dit_grid, opts.dit_repeats, threads
+            )
+            fast = result["dit"]["sides"].get("mlx_fast", {})
+            result["mlx_cpu_kernels"] = "; ".join(fast.get("kernel_choices", [])) or "none"
+        if "vae" in parts:
+            cmd = [sys.executable, __file__, "--worker", "make", "--kind", "vae", "--folder", tmp]
+            subprocess.run(cmd, check=True)
+            result["vae"] = bench_vae(
+                folder, vae_frames, vae_grid, opts.repeats, threads, opts.vae_plain
+            )
     if parts & {"convert", "step"}:
+        from s2dit_mlx import setup_blas
+
+        setup_blas()  # this process runs MLX from here on (after every torch worker is done)
         with tempfile.TemporaryDirectory(dir=opts.workdir, prefix="wan-bench-") as tmp:
             src, conv = Path(tmp) / "src", Path(tmp) / "converted"
-            nbytes = write_random_checkpoint(src, layers)
+            nbytes = write_random_checkpoint(src, step_layers)
             c = bench_convert(src, conv)
             result["convert"] = {
-                "layers": layers,
+                "layers": step_layers,
                 "checkpoint_gb": nbytes / 1e9,
                 "peak_rss_gb": c["peak_rss_bytes"] / 1e9,
                 "seconds": c["seconds"],
@@ -488,7 +691,7 @@ def main() -> None:
                     ("bfloat16", step_grid_bf16),
                 ):
                     s = bench_step(conv, grid, 1, compute)
-                    steps.append({"layers": layers, **s})
+                    steps.append({"layers": step_layers, **s})
                 result["steps"] = steps
     result["total_s"] = time.perf_counter() - started
     result["load_average_end"] = os.getloadavg()[0]

@@ -35,9 +35,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import s2dit_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
-
-# isort: split
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

@@ -1,20 +1,27 @@
-"""Make MLX's CPU backend use OpenBLAS on Linux.
+"""OpenBLAS for MLX's CPU backend on Linux: `setup_blas()`, which only entry points call.
 
-The Linux `mlx[cpu]` wheel links a reference BLAS (~4-6 GFLOP/s fp32 GEMM).
-Loading an unprefixed OpenBLAS with RTLD_GLOBAL before `mlx.core` is first
-imported makes MLX's sgemm calls resolve to it (~150+ GFLOP/s on 2 cores).
-cmeel-openblas ships such a library; it needs libgfortran.so.5, which fresh
-machines often lack, so we fall back to the libgfortran that the mlx/numpy
-wheels bundle under a hashed name, re-labelled in a cache folder.
+The Linux `mlx[cpu]` wheel links a reference BLAS (~4-6 GFLOP/s fp32 GEMM). Loading an
+unprefixed OpenBLAS with RTLD_GLOBAL before `mlx.core` is first imported makes MLX's sgemm
+calls resolve to it (~200 GFLOP/s per core). cmeel-openblas ships such a library; it needs
+libgfortran.so.5, which fresh machines often lack, so we fall back to the libgfortran that
+the mlx/numpy wheels bundle under a hashed name, re-labelled in a cache folder.
 
-Set S2DIT_NO_OPENBLAS=1 to turn all of this off.
+That changes the whole process: every library loaded later resolves its BLAS symbols to this
+OpenBLAS (PyTorch's sgemm then ignores `torch.set_num_threads`). So `import s2dit_mlx` does
+none of it. The `s2dit` command (cli.main), `python -m convert.*` / `python -m train.*`
+(their package's __init__), the benchmarks and the test suite call `setup_blas()` before
+anything imports mlx.core; a program that embeds the library may call it the same way
+(`from s2dit_mlx import setup_blas`). Set S2DIT_NO_OPENBLAS=1 to turn it off.
 
-Threads: OpenBLAS runs single-threaded unless OPENBLAS_NUM_THREADS (or GOTO_/OMP_NUM_THREADS)
-says otherwise. MLX hands it many small products, where splitting costs more than it saves,
-and its threads busy-wait for each other: with another CPU-bound process on the machine a
-waiting thread burns the time slice its partner needs, and generation ran 10-40x slower
-than with one thread. The large products of inference run on our own kernels
-(kernels/cpu.py), whose threads (`usable_cpus()` of them) block instead of spinning.
+Threads: one OpenBLAS thread unless OPENBLAS_NUM_THREADS (or GOTO_/OMP_NUM_THREADS) says
+otherwise. OpenBLAS's threads wait for each other by spinning, inside every product and for a
+while after it: with another CPU-bound process on the machine a waiting thread burns the time
+slice its partner needs, and generation ran 10-40x slower with 2 threads than with 1
+(benchmarks/contention.py). OPENBLAS_THREAD_TIMEOUT=4 (sleep at once between calls) left it
+1.6-20x slower than the default in our runs, and a thread count picked from the load at start-up is
+wrong as soon as another job starts. The other cores are used by the CPU kernels
+(s2dit_mlx/kernels), whose threads block instead of spinning; their GEMM replaces OpenBLAS's
+where it measures faster on the machine (see `s2dit info --kernels`).
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ DISABLE_ENV = "S2DIT_NO_OPENBLAS"
 # Environment variables OpenBLAS reads for its thread count at load time.
 THREAD_ENVS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
-# What happened, for `s2dit info`: "openblas", "disabled", "not-linux", "already-imported",
-# or "reference (<reason>)".
+# What happened, for `s2dit info`: "not-run" (setup_blas() was not called), "openblas",
+# "disabled", "not-linux", "already-imported", or "reference (<reason>)".
 status: str = "not-run"
 library: str | None = None
 # OpenBLAS's thread count once loaded (None: not loaded), and who chose it.
@@ -77,8 +84,11 @@ def _load_bundled_gfortran() -> None:
     raise OSError("no bundled libgfortran found")
 
 
-def setup() -> str:
-    """Load OpenBLAS globally before mlx.core is imported (Linux only); returns the status."""
+def setup_blas() -> str:
+    """Load OpenBLAS globally before mlx.core is imported (Linux only); returns the status.
+
+    For entry points only (see the top): it changes every library loaded after it.
+    """
     global status, library
     if status != "not-run":
         return status
@@ -109,6 +119,17 @@ def setup() -> str:
         except OSError as err:
             status = f"reference (could not load OpenBLAS: {err})"
     return status
+
+
+def setup_blas_if_run_as_module() -> None:
+    """setup_blas() when this process was started as `python -m package.module`.
+
+    For the __init__ of a package whose modules are entry points (convert, train): Python
+    imports the package while sys.argv[0] is still "-m", before the module's own imports
+    (mlx.core among them) run. An ordinary `import train` changes nothing.
+    """
+    if sys.argv[:1] == ["-m"]:
+        setup_blas()
 
 
 def _set_threads(lib: ctypes.CDLL) -> None:
@@ -158,8 +179,22 @@ def usable_cpus() -> int:
     return max(1, min(count, limit) if limit else count)
 
 
+def threads_line() -> str:
+    """OpenBLAS's thread count and why, for `s2dit info` ("" when OpenBLAS is not loaded)."""
+    if openblas_threads is None:
+        return ""
+    plural = "" if openblas_threads == 1 else "s"
+    if threads_source and threads_source != "default":
+        return f"{openblas_threads} thread{plural} (from {threads_source})"
+    return (
+        f"{openblas_threads} thread{plural} (the default: OpenBLAS threads spin while they "
+        "wait, which made generation 10-40x slower next to another busy process; "
+        "OPENBLAS_NUM_THREADS sets it)"
+    )
+
+
 def describe() -> str:
-    """One line saying which BLAS MLX's CPU backend uses."""
+    """One line saying which BLAS MLX's CPU backend uses, and why."""
     if status == "openblas":
         return f"OpenBLAS ({library})"
     if status == "not-linux":
@@ -167,5 +202,12 @@ def describe() -> str:
     if status == "disabled":
         return f"reference BLAS ({DISABLE_ENV} is set)"
     if status == "already-imported":
-        return "unknown (mlx.core was imported before s2dit_mlx)"
+        return "the mlx wheel's own (mlx.core was imported before setup_blas())"
+    if status == "not-run":
+        if not sys.platform.startswith("linux"):
+            return "Accelerate / Metal (macOS)"
+        return (
+            "the mlx wheel's reference BLAS (setup_blas() was not called: only the s2dit "
+            "entry points load OpenBLAS)"
+        )
     return status

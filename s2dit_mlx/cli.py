@@ -4,12 +4,14 @@
     s2dit convert wan SRC --out DIR ...     a Wan 2.x checkpoint -> a model folder
     s2dit train dit|vae|... ...             training, fine-tuning, distillation
     s2dit export coreml --out DIR ...       Core ML packages for an iPhone app
-    s2dit info                              MLX, device, BLAS, GEMM speed
+    s2dit info                              MLX, device, BLAS, CPU kernels, GEMM speed
 
 `convert` and `train` commands run their module's own parser and `main` under the name
 `s2dit convert wan`, `s2dit train dit`, ... (`python -m convert.wan` and `python -m train.*`
 are the same commands), so each command's options and help are written once. Nothing heavier
-than argparse is imported until a command runs, so `s2dit --help` is instant.
+than argparse is imported until a command runs, so `s2dit --help` is instant. `main` first
+loads OpenBLAS for MLX on Linux (`_blas.setup_blas`: entry points only); `generate` opts its
+models into the CPU kernels when MLX runs on the CPU (s2dit_mlx/kernels).
 
 Every user error (bad sizes, a broken model folder, an unwritable output path, ...) ends as one
 line `error: ...` on stderr with exit code 2 and no output file; Ctrl-C exits with 130
@@ -111,10 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     info = sub.add_parser(
         "info",
-        help="show the MLX version, device, BLAS and measured GEMM speed",
-        description="Show the MLX version, device, BLAS in use and a measured fp32 GEMM rate.",
+        help="show the MLX version, device, BLAS, CPU kernels and measured GEMM speed",
+        description="Show the MLX version, device, the BLAS in use and why, the CPU kernels "
+        "(library, threads, which kinds run and their measured speeds) and a measured fp32 "
+        "GEMM rate.",
     )
     info.add_argument("--no-gemm", action="store_true", help="skip the GEMM measurement")
+    info.add_argument(
+        "--kernels",
+        action="store_true",
+        help="build the CPU kernels if needed and time each kind against MLX's own op now "
+        "(generate does this at first use)",
+    )
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -276,7 +286,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model = str(DEFAULT_MODEL_DIR)
     import numpy as np
 
-    from . import video_io
+    from . import kernels, video_io
     from .fsutil import check_inputs
     from .pipeline import Pipeline
 
@@ -288,6 +298,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)  # None: the folder's dtype
+    # The Linux CPU fast path (off with S2DIT_NO_CPU_KERNELS=1; each kernel still runs only
+    # where it measures faster on this machine).
+    kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
     load_s = time.perf_counter() - start
     check_inputs(out, [("model folder", pipe.path)], "-o")  # a hub id's local snapshot
     fps = args.fps if args.fps is not None else pipe.defaults["fps"]
@@ -378,7 +391,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """`s2dit info`: versions, device, BLAS, GEMM speed."""
     from .info import info_lines
 
-    for line in info_lines(gemm=not args.no_gemm):
+    for line in info_lines(gemm=not args.no_gemm, measure_kernels=args.kernels):
         print(line)
     return 0
 
@@ -403,6 +416,9 @@ def _run_module(group: str, name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `s2dit` console script; returns the exit code."""
+    from ._blas import setup_blas
+
+    setup_blas()  # an entry point: OpenBLAS before anything imports mlx.core (see _blas.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and argv[1] in MODULE_COMMANDS.get(argv[0], {}):
         return run_cli(lambda: _run_module(argv[0], argv[1], argv[2:]))

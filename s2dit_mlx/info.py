@@ -1,4 +1,4 @@
-"""Environment report for `s2dit info`: versions, device, BLAS and a quick GEMM measurement."""
+"""Environment report for `s2dit info`: versions, device, BLAS, the CPU kernels, a GEMM rate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from . import __version__, _blas
-from .kernels import cpu as cpu_kernels
+from . import __version__, _blas, kernels
 
 
 def gemm_gflops(n: int = 1024, dtype: mx.Dtype = mx.float32, repeats: int = 5) -> float:
@@ -35,31 +34,25 @@ def _device_line() -> str:
     return f"device: {mx.default_device()} (Metal available: {metal})"
 
 
-def _threads_line() -> str:
-    """Threads of OpenBLAS and of our kernels, and the CPUs this process may use."""
-    usable = _blas.usable_cpus()
-    blas = "n/a" if _blas.openblas_threads is None else str(_blas.openblas_threads)
-    if _blas.threads_source not in ("", "default"):
-        blas += f" (from {_blas.threads_source})"
-    kernels = cpu_kernels.gemm_threads()
-    env = next(
-        (n for n in (cpu_kernels.THREADS_ENV, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-         if os.environ.get(n, "").strip()),
-        None,
-    )  # fmt: skip
-    source = f" (from {env})" if env else ""
-    return f"threads: OpenBLAS {blas}, CPU kernels {kernels}{source}; usable CPUs {usable}"
+def _blas_lines() -> list[str]:
+    """Which BLAS MLX uses and why; OpenBLAS's threads and why; the CPUs we may use."""
+    lines = [f"BLAS: {_blas.describe()}"]
+    threads = _blas.threads_line()
+    if threads:
+        lines.append(f"  OpenBLAS threads: {threads}")
+    lines.append(f"  usable CPUs: {_blas.usable_cpus()}")
+    return lines
 
 
-def info_lines(gemm: bool = True) -> list[str]:
-    """Human-readable lines describing this installation; `gemm=False` skips the measurement."""
+def info_lines(gemm: bool = True, measure_kernels: bool = False) -> list[str]:
+    """Human-readable lines describing this installation; `gemm=False` skips the GEMM
+    measurement, `measure_kernels` builds the CPU kernels if needed and times every kind."""
     lines = [
         f"s2dit-mlx: {__version__}",
         f"MLX: {mx.__version__}",
         _device_line(),
-        f"BLAS: {_blas.describe()}",
-        f"CPU kernels (inference): {cpu_kernels.status()}",
-        _threads_line(),
+        *_blas_lines(),
+        *kernels.report(measure_now=measure_kernels),
     ]
     if gemm:
         lines.append(f"fp32 GEMM (n=1024): {gemm_gflops(1024):.1f} GFLOP/s")

@@ -39,7 +39,6 @@ import numpy as np
 
 from . import generation, resources
 from .errors import S2DiTError
-from .kernels import cpu as cpu_kernels
 from .loading import DEFAULTS, MODES, ModelBundle, load_model
 from .validate import check_text
 from .video_io import to_uint8
@@ -258,12 +257,11 @@ class Pipeline:
 
     def _encode_text(self, s: GenerationSettings) -> tuple[mx.array, mx.array | None]:
         dtype = DTYPES[self.dtype]
-        with cpu_kernels.enabled():
-            context = self.text_encoder.encode([s.prompt]).astype(dtype)
-            neg = None
-            if s.sampler.guided:
-                neg = self.text_encoder.encode([s.negative_prompt]).astype(dtype)
-            mx.eval(context, neg if neg is not None else [])
+        context = self.text_encoder.encode([s.prompt]).astype(dtype)
+        neg = None
+        if s.sampler.guided:
+            neg = self.text_encoder.encode([s.negative_prompt]).astype(dtype)
+        mx.eval(context, neg if neg is not None else [])
         return context, neg
 
     def _per_expert(self, s: GenerationSettings) -> bool:
@@ -290,8 +288,7 @@ class Pipeline:
         start = time.perf_counter()
         context, neg = self._encode_text(s)
         text_s = time.perf_counter() - start
-        chunks = cpu_kernels.step_enabled(self._chunks(s, context, neg, progress, start))
-        return Generation(s, text_s, chunks, start)
+        return Generation(s, text_s, self._chunks(s, context, neg, progress, start), start)
 
     def _latent_chunks(self, s, context, neg, bar) -> Iterator[tuple[mx.array, float]]:
         """(clean latent chunk, seconds it took) in order."""
@@ -446,19 +443,18 @@ class Pipeline:
 
             bar = tqdm(total=s.steps, desc="denoising", unit="step", leave=True)
         try:
-            with cpu_kernels.enabled():
-                return generation.denoise(
-                    self.dit,
-                    context.astype(dtype),
-                    shape,
-                    sampler,
-                    noise=generation.SeededNoise(s.seed),
-                    latents=latents,
-                    neg_context=negative_context.astype(dtype) if sampler.guided else None,
-                    per_expert_guidance=self._per_expert(s),
-                    dtype=dtype,
-                    on_step=(lambda _: bar.update(1)) if bar is not None else None,
-                )
+            return generation.denoise(
+                self.dit,
+                context.astype(dtype),
+                shape,
+                sampler,
+                noise=generation.SeededNoise(s.seed),
+                latents=latents,
+                neg_context=negative_context.astype(dtype) if sampler.guided else None,
+                per_expert_guidance=self._per_expert(s),
+                dtype=dtype,
+                on_step=(lambda _: bar.update(1)) if bar is not None else None,
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -468,9 +464,8 @@ class Pipeline:
         with one streaming decoder, as generate() decodes them."""
         per_chunk = self._frames_per_chunk(latents.shape[1])
         decoder = self.vae.decoder()
-        with cpu_kernels.enabled():
-            frames = [
-                decoder.decode(latents[:, i : i + per_chunk].astype(mx.float32))
-                for i in range(0, latents.shape[1], per_chunk)
-            ]
+        frames = [
+            decoder.decode(latents[:, i : i + per_chunk].astype(mx.float32))
+            for i in range(0, latents.shape[1], per_chunk)
+        ]
         return mx.concatenate(frames, axis=1)

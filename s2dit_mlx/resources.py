@@ -23,7 +23,8 @@ generate
   output, concatenation, unpatchify copy, clip) plus the previous chunk's frames still held,
   and float32 copies of float16 weights made per latent frame (type promotion);
 - host memory beside MLX: the uint8 video (collected, then concatenated), float32 copies made
-  converting a chunk to uint8, and the CPU kernels' per-thread attention buffers.
+  converting a chunk to uint8, and the CPU kernels' per-thread attention buffers when the
+  DiT was opted into them (s2dit_mlx.kernels.enable).
 
 export coreml
 - weights: a float32 numpy copy, then per function (denoise, write) the MIL constants in the
@@ -82,6 +83,11 @@ _CROSS_UNITS = 5.0
 # Copies of the pixel frames of one chunk alive while it is decoded (patch VAE: decoder output,
 # concatenation, unpatchify copy, clip; the previous chunk's frames are counted separately).
 _DECODE_COPIES = 4.0
+# Wan VAE convs on MLX's own path: MLX allocates an op's output and scratch (a conv's unfolded
+# input) when it queues the op, ahead of the computation, so several convs' unfolded inputs
+# are alive at once. Measured on tiny Wan 2.1 VAEs at 64-256 px: peaks 2-4x the one-unfold
+# model; 4 unfolds put every case within 0.8-1.2x.
+_CONV_UNFOLDS_ALIVE = 4
 # Python objects and protobuf of the MIL ops of one DiT block, both functions (measured on the
 # built-in model: 3-3.5 MB per block whatever the width).
 _MIL_BYTES_PER_BLOCK = 3.5e6
@@ -275,15 +281,6 @@ def _softmax_score_bytes(batch: int, heads: int, nq: int, nk: int) -> float:
     return 4.0 * min(batch * heads * nq * nk, ATTENTION_SCORE_BUDGET)
 
 
-def _kernel_attention_bytes(heads: int, nq: int, nk: int, head_dim: int, threads: int) -> float:
-    """The CPU kernels' attention scratch: per thread a score tile and packed keys and values."""
-    from .kernels import cpu as cpu_kernels
-
-    tile = cpu_kernels.attention_tile(nq, nk)
-    per_thread = tile * (nk + 16) + 2 * (nk + 32) * (head_dim + 32)
-    return 4.0 * per_thread * max(1, min(threads, heads))
-
-
 def dit_call_memory(
     args,
     batch: int,
@@ -374,7 +371,7 @@ def _decode_memory(vae, frames_per_chunk: int, latent_height: int, latent_width:
     chunk_frames_bytes = 4.0 * frames_per_chunk * tf * frame_px
     config = getattr(vae, "config", None)
     if getattr(config, "type", "patch") == "wan":
-        decode = _wan_decode_bytes(vae, latent_height, latent_width)
+        decode = _wan_decode_bytes(vae, latent_height, latent_width, _direct_conv(vae))
         return {"decode": decode + 2 * chunk_frames_bytes, "frames": chunk_frames_bytes}
     hidden = getattr(config, "hidden_dim", 0)
     # float32 copies of float16 weights, made per latent frame by type promotion
@@ -393,18 +390,23 @@ def _vae_is_f32(vae) -> bool:
     return all("32" in str(v.dtype) for _, v in tree_flatten(vae.parameters()))
 
 
-def _wan_decode_bytes(vae, latent_height: int, latent_width: int) -> float:
-    """Wan VAE, one latent frame per pass, at full size or one tile: the widest level's
-    activations (a few live copies), every causal conv's cache of 2 input frames, the largest
-    conv's unfolded input (MLX unfolds up to wan_vae's budget, then per-tap matmuls) and the
-    mid block's attention scores (the chunk's frames are added by the caller)."""
-    import mlx.core as mx
+def _direct_conv(vae) -> bool:
+    """Whether the Wan VAE's convs run on the CPU kernels' direct convolution (which unfolds
+    nothing): opted into them (kernels.enable) and the kind chosen, which measures it now if
+    it was not yet (its first use: the generation is about to start)."""
+    from . import kernels
 
-    from .kernels import cpu as cpu_kernels
+    return "conv3d" in kernels.enabled_kinds(vae) and kernels.use("conv3d")
+
+
+def _wan_decode_bytes(vae, latent_height: int, latent_width: int, direct: bool = False) -> float:
+    """Wan VAE, one latent frame per pass, at full size or one tile: the widest level's
+    activations (a few live copies), every causal conv's cache of 2 input frames, the convs'
+    unfolded inputs (MLX unfolds up to wan_vae's budget, then per-tap matmuls;
+    _CONV_UNFOLDS_ALIVE at once; none with the kernels' `direct` convolution) and the mid
+    block's attention scores (the chunk's frames are added by the caller)."""
     from .models import wan_vae
 
-    # The CPU kernels' direct convolution (big enough convs, AVX-512) unfolds nothing.
-    direct = mx.default_device() == mx.cpu and cpu_kernels.gemm_available()
     cfg = vae.config
     tile = getattr(vae, "_tile", None)
     sf = vae.spatial_factor
@@ -421,21 +423,19 @@ def _wan_decode_bytes(vae, latent_height: int, latent_width: int) -> float:
         worst = max(worst, 4 * 4.0 * positions * channels)
         cache += convs * 2 * 4.0 * lh * lw * 4**i * channels
         in_out = 2 * 4.0 * positions * channels
-        if not (direct and 27 * positions * channels**2 >= cpu_kernels.MIN_GEMM_MACS):
-            unfolded = 27 * 4.0 * positions * channels
-            unfold = max(unfold, min(unfolded, max(wan_vae._CONV_UNFOLD_BUDGET, 2 * in_out)))
+        unfolded = 27 * 4.0 * positions * channels
+        unfold = max(unfold, min(unfolded, max(wan_vae._CONV_UNFOLD_BUDGET, 2 * in_out)))
         if i < len(cfg.temporal_down) and cfg.temporal_down[::-1][i]:
             up_t *= 2
     tokens = lh * lw
     attention = 4.0 * min(tokens * tokens, wan_vae._ATTN_SCORE_BUDGET) + 3 * 4.0 * tokens * dims[0]
+    unfold = 0.0 if direct else _CONV_UNFOLDS_ALIVE * unfold
     return worst + cache + max(unfold, attention)
 
 
 def estimate_generate(pipe, settings, threads: int | None = None) -> Estimate:
     """Peak memory and time of `pipe.generate(**settings)` (settings: a GenerationSettings)."""
-    import mlx.core as mx
-
-    from .kernels import cpu as cpu_kernels
+    from . import kernels
 
     dit, vae = pipe.dit, pipe.vae
     args = dit.args
@@ -470,13 +470,11 @@ def estimate_generate(pipe, settings, threads: int | None = None) -> Estimate:
     mlx_peak = weights + held + max(dit_phase, dec["decode"] + dec.get("frames", 0.0))
     video_bytes = settings.frames * settings.height * settings.width * 3.0
     host_frames = 2 * video_bytes + 4 * dec.get("frames", 0.0)
-    kernel_scratch = 0.0
-    if mx.default_device() == mx.cpu:
-        threads = threads or cpu_kernels.gemm_threads()
-        nq = tokens_full // (args.ssa_stride**2 if "ssa" in args.layers else 1)
-        kernel_scratch = _kernel_attention_bytes(
-            args.num_heads, nq, nq * visible, args.head_dim, threads
-        )
+    # The CPU kernels' attention buffers, when the DiT was opted into them.
+    nq = tokens_full // (args.ssa_stride**2 if "ssa" in args.layers else 1)
+    kernel_scratch = kernels.attention_scratch_bytes(
+        dit, args.num_heads, nq, nq * visible, args.head_dim, threads
+    )
     parts = {
         "weights": weights,
         "dit_activations": dit_phase,

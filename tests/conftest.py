@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+from s2dit_mlx import setup_blas
+
+# The test run is an entry point: OpenBLAS for MLX before anything imports mlx.core
+# (s2dit_mlx/_blas.py); `import s2dit_mlx` alone loads nothing.
+setup_blas()
 
 # isort: on
 import mlx.core as mx

@@ -8,7 +8,7 @@ chunk slicing or running sums, so the block-causal bookkeeping is checked indepe
 """
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: on
 import math

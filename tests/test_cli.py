@@ -1,7 +1,7 @@
 """The `s2dit` CLI end to end on a tiny random-weight model folder (tests/conftest.py)."""
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: on
 import json

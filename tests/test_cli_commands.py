@@ -70,7 +70,7 @@ COMMANDS = [
         ["--out", "{tmp}/e"],
         ["--model", "--compress", "--precision", "--window", "--prompt"],
     ),
-    (("info",), [], ["--no-gemm"]),
+    (("info",), [], ["--no-gemm", "--kernels"]),
 ]
 IDS = [" ".join(row[0]) for row in COMMANDS]
 

@@ -2,7 +2,7 @@
 and the Pipeline API on a tiny random-weight model."""
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: on
 import json

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: on
 import mlx.core as mx

@@ -230,3 +230,46 @@ def test_benchmark_tables_are_what_the_report_renders():
     assert block(README) == report.summary()
     assert block(ROOT / "docs" / "benchmarks.md") == report.render()
     assert len(report.summary().splitlines()) <= 20  # a summary, not the tables
+
+
+def test_wan_vs_torch_rows_of_the_process_format_render():
+    """benchmarks/wan_vs_torch.py's current JSON (one process per side) has a table and a
+    summary row (the committed result may still be of the earlier format)."""
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    row = {
+        "seconds": {"torch": 2.0, "mlx_fast": 1.6, "mlx_plain": 6.0},
+        "torch_over_mlx_fast": 1.25,
+        "torch_over_mlx_fast_range": [1.2, 1.3],
+        "torch_over_mlx_plain": 0.33,
+        "torch_over_mlx_plain_range": [0.3, 0.35],
+        "max_rel_err": {"mlx_fast": 1e-5, "mlx_plain": 1e-5},
+    }
+    result = {
+        "torch": "2.x",
+        "diffusers": "0.x",
+        "torch_threads": 2,
+        "machine": {"cpus": 2},
+        "mlx_cpu_kernels": "silu: kernel (...)",
+        "dit": {
+            "format": "processes",
+            "dim": 1536,
+            "rounds": 5,
+            "sides": {"mlx_fast": {"openblas_threads": 1, "kernel_threads": 2}},
+            "rows": [
+                {"layers": 2, "tokens": 1560, **row},
+                {"layers": 4, "tokens": 4680, **row, "torch_over_mlx_fast": 0.9},
+            ],
+        },
+    }
+    table = "\n".join(report.wan_vs_torch_table(result))
+    assert "| DiT forward, 4 layers, dim 1536, fp32 | 4680 tokens | 2.00 | 1.60 | 0.90" in table
+    assert "1.25 (1.20-1.30) | 6.00 | 0.33 (0.30-0.35)" in table
+    assert "silu: kernel" in table
+    ((what, figure),) = report.wan_vs_torch_summary(result)
+    assert "own process" in what
+    assert figure == (
+        "torch time / MLX time 0.90-1.25 with the CPU fast path, 0.33 without it "
+        "(2-4 layers, 1560-4680 tokens)"
+    )

@@ -1,7 +1,7 @@
 """The resource guard (s2dit_mlx/resources.py), thread defaults and the CPU kernels' bounds."""
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: on
 import json
@@ -234,7 +234,10 @@ def test_kernel_threads_follow_the_environment(monkeypatch):
 
 @pytest.mark.skipif(_blas.status != "openblas", reason="OpenBLAS is not in use here")
 def test_openblas_is_single_threaded_unless_asked():
-    code = "import s2dit_mlx, mlx.core; from s2dit_mlx import _blas; print(_blas.openblas_threads)"
+    code = (
+        "from s2dit_mlx import _blas; _blas.setup_blas(); import mlx.core; "
+        "print(_blas.openblas_threads)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in _blas.THREAD_ENVS}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "1", out.stderr
@@ -259,36 +262,40 @@ BOUNDS_SCRIPT = textwrap.dedent(
     res = {}
     n = lambda *s: mx.random.normal(s)
     K.MIN_ELEMENTS = K.MIN_GEMM_MACS = 1  # the kernels take any size: only shapes decide
-    with K.enabled():
-        # The array that crashed `generate --height 99968 --width 99968` (never evaluated).
-        huge = mx.zeros((2, 117_112_512, 128))
-        try:
-            K.linear(huge, n(128, 128))
-            res["huge"] = "ran"
-        except S2DiTError as err:
-            res["huge"] = str(err)
-        if K.gemm_available():
-            x = n(300, 256)
-            res["linear_k_mismatch"] = K.linear(x, n(64, 200)) is None
-            res["linear_bias_mismatch"] = K.linear(x, n(64, 256), n(10)) is None
-            xs = n(1, 4, 9, 13, 20)
-            res["conv_cin_mismatch"] = K.conv3d(xs, n(40, 3, 3, 3, 8), None, None, True,
-                                                (1, 1)) is None
-            res["conv_history_mismatch"] = K.conv3d(xs, n(40, 3, 3, 3, 20), None,
-                                                    n(1, 2, 5, 5, 20), True, (1, 1)) is None
-            q = n(2, 3, 64, 32)
-            res["attention_batch_mismatch"] = K.attention(q, n(1, 3, 70, 32), n(2, 3, 70, 32),
-                                                          0.1) is None
-            res["attention_value_rows"] = K.attention(q, n(2, 3, 70, 32), n(2, 3, 60, 32),
+    # The array that crashed `generate --height 99968 --width 99968` (never evaluated).
+    huge = mx.zeros((2, 117_112_512, 128))
+    try:
+        K.linear(huge, n(128, 128))
+        res["huge"] = "ran"
+    except S2DiTError as err:
+        res["huge"] = str(err)
+    if K.gemm_available():
+        x = n(300, 256)
+        res["linear_k_mismatch"] = K.linear(x, n(64, 200)) is None
+        res["linear_bias_mismatch"] = K.linear(x, n(64, 256), n(10)) is None
+        xs = n(1, 4, 9, 13, 20)
+        res["conv_cin_mismatch"] = K.conv3d(xs, n(40, 3, 3, 3, 8), None, None, True,
+                                            (1, 1)) is None
+        res["conv_history_mismatch"] = K.conv3d(xs, n(40, 3, 3, 3, 20), None,
+                                                n(1, 2, 5, 5, 20), True, (1, 1)) is None
+        q = n(2, 3, 64, 32)
+        res["attention_batch_mismatch"] = K.attention(q, n(1, 3, 70, 32), n(2, 3, 70, 32),
                                                       0.1) is None
-            lib = K.library()
-            strides = (ctypes.c_int64 * 12)()
-            # The C++ refuses sizes it cannot take before touching any pointer.
-            res["cpp_attention_no_keys"] = lib.s2dit_attention(
-                1, 1, 4, 0, 32, None, None, None, None, strides, 1.0, 4, 1)
-            res["cpp_linear_bad_k"] = lib.s2dit_linear(4, 16, 0, None, 0, None, None, None, 1)
-            res["cpp_conv_bad_size"] = lib.s2dit_conv3d(None, 1, 4, 4, 8, 1, 3, 3, 3, 0, 0,
-                                                        None, None, 8, None, 1)
+        res["attention_value_rows"] = K.attention(q, n(2, 3, 70, 32), n(2, 3, 60, 32),
+                                                  0.1) is None
+        lib = K.library()
+        strides = (ctypes.c_int64 * 12)()
+        # The C++ refuses sizes it cannot take before touching any pointer.
+        res["cpp_attention_no_keys"] = lib.s2dit_attention(
+            1, 1, 4, 0, 32, None, None, None, None, strides, 1.0, 4, 1)
+        res["cpp_linear_bad_k"] = lib.s2dit_linear(4, 16, 0, None, 0, None, None, None, 1)
+        res["cpp_conv_bad_size"] = lib.s2dit_conv3d(None, 1, 4, 4, 8, 1, 3, 3, 3, 0, 0,
+                                                    None, None, 8, None, 1)
+    lib = K.library()
+    if lib is not None:
+        # The elementwise entry points refuse sizes they cannot take before any pointer.
+        res["cpp_silu_negative_count"] = lib.s2dit_silu(None, None, -1, 1)
+        res["cpp_softmax_no_columns"] = lib.s2dit_softmax(None, None, 4, 0, 1)
     print(json.dumps(res))
     """
 )
@@ -356,10 +363,9 @@ def test_threaded_kernels_match_mlx(monkeypatch):
     x, w, b = normal(300, 70), normal(50, 70), normal(50)
     q, k, v = normal(2, 3, 40, 32), normal(2, 3, 45, 32), normal(2, 3, 45, 32)
     xs, wc = normal(1, 3, 6, 7, 20), normal(24, 3, 3, 3, 20)
-    with cpu_kernels.enabled():
-        lin = cpu_kernels.linear(x, w, b)
-        att = cpu_kernels.attention(q, k, v, 0.2)
-        conv = cpu_kernels.conv3d(xs, wc, None, None, False, (1, 1))
+    lin = cpu_kernels.linear(x, w, b)
+    att = cpu_kernels.attention(q, k, v, 0.2)
+    conv = cpu_kernels.conv3d(xs, wc, None, None, False, (1, 1))
     ref_conv = mx.conv3d(mx.pad(xs, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)]), wc)
     ref_att = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2)
     for out, ref in ((lin, x @ w.T + b), (att, ref_att), (conv, ref_conv)):

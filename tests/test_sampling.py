@@ -20,7 +20,7 @@ from s2dit_mlx.sampling import (
 )
 
 # isort: split
-import mlx.core as mx  # after s2dit_mlx, which loads OpenBLAS before mlx.core
+import mlx.core as mx
 
 STATE_TOL = 1e-5  # max |ours - reference| on every intermediate sample
 STEPS = (10, 50)

@@ -7,7 +7,7 @@
 - cleaning equal to Wan's functions; the component's trim-then-zero-pad rule.
 """
 
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+import s2dit_mlx  # noqa: F401
 
 # isort: split
 import importlib.util

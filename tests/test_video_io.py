@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # isort: off
-import s2dit_mlx  # loads OpenBLAS: must precede mlx.core
+import s2dit_mlx
 import mlx.core as mx
 
 # isort: on
@@ -197,14 +197,15 @@ def test_info_lines():
     lines = info.info_lines(gemm=False)
     text = "\n".join(lines)
     assert f"s2dit-mlx: {s2dit_mlx.__version__}" in text and f"MLX: {mx.__version__}" in text
-    assert "BLAS: " in text and "numpy: " in text
+    assert "BLAS: " in text and "numpy: " in text and "CPU kernels: " in text
     assert info.gemm_gflops(64, repeats=1) > 0
 
 
-def _blas_status(extra_env):
+def _blas_status(extra_env, setup=True):
     env = {k: v for k, v in os.environ.items() if k != "S2DIT_NO_OPENBLAS"}
     env.update(extra_env)
-    code = "import s2dit_mlx, mlx.core; print(s2dit_mlx._blas.status)"
+    call = "_blas.setup_blas(); " if setup else ""
+    code = f"from s2dit_mlx import _blas; {call}import mlx.core; print(_blas.status)"
     res = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -226,3 +227,4 @@ def _has_cmeel_openblas():
 def test_blas_status_in_fresh_process():
     assert _blas_status({}) == "openblas"
     assert _blas_status({"S2DIT_NO_OPENBLAS": "1"}) == "disabled"
+    assert _blas_status({}, setup=False) == "not-run"  # importing the library loads nothing

@@ -4,7 +4,8 @@ CLI: `python -m train.dit --help` (train a DiT), `python -m train.fuse --help` (
 """
 
 # isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
+# `python -m train.X` is an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py).
+import s2dit_mlx._python_m  # noqa: F401
 
 # isort: on
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -19,10 +19,6 @@ import argparse
 import math
 import sys
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 

@@ -85,10 +85,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm

@@ -25,10 +25,6 @@ import json
 import sys
 from pathlib import Path
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

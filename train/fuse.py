@@ -9,10 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 from s2dit_mlx.cli_args import Parser
 from s2dit_mlx.errors import run_cli
 from s2dit_mlx.fsutil import check_inputs, check_output_dir

@@ -26,10 +26,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 import numpy as np
 

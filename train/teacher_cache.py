@@ -33,10 +33,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 import numpy as np
 

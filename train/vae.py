@@ -15,10 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-# isort: off
-import s2dit_mlx  # noqa: F401  (must come before mlx.core: it loads OpenBLAS)
-
-# isort: on
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import ChunkSchedule, KVCache
-from ..models.layers import Linear, apply_rope, attention, rope_table
+from ..models.layers import ScaledDotProductAttention, apply_rope, rope_table
 
 
 @dataclass
@@ -42,6 +42,7 @@ class SoftmaxCore(nn.Module):
         self.head_dim = args.head_dim
         self.rope_theta = args.rope_theta
         self.schedule = schedule or chunk_schedule(args)
+        self.attend = ScaledDotProductAttention()
 
     def __call__(self, q: mx.array, k: mx.array, v: mx.array, layout: TokenLayout) -> mx.array:
         cos, sin = rope_table(self.head_dim, layout.grid, layout.frame_offset, self.rope_theta)
@@ -51,11 +52,11 @@ class SoftmaxCore(nn.Module):
         cache: KVCache | None = layout.cache
         if cache is not None:
             keys, values, mask = cache.attend(k, v)
-            out = attention(q, keys, values, scale, mask)
+            out = self.attend(q, keys, values, scale, mask)
             if layout.update_cache:
                 cache.commit(k, v)
         elif layout.chunk_frames is None:
-            out = attention(q, k, v, scale)
+            out = self.attend(q, k, v, scale)
         else:
             out = self._block_causal(q, k, v, scale, layout)
         return out.transpose(0, 2, 1, 3)
@@ -69,7 +70,9 @@ class SoftmaxCore(nn.Module):
             idx = self.schedule.visible(c)
             keys = mx.concatenate([k[:, :, j * per_chunk : (j + 1) * per_chunk] for j in idx], 2)
             vals = mx.concatenate([v[:, :, j * per_chunk : (j + 1) * per_chunk] for j in idx], 2)
-            outs.append(attention(q[:, :, c * per_chunk : (c + 1) * per_chunk], keys, vals, scale))
+            outs.append(
+                self.attend(q[:, :, c * per_chunk : (c + 1) * per_chunk], keys, vals, scale)
+            )
         return mx.concatenate(outs, axis=2)
 
 
@@ -80,10 +83,10 @@ class ProjectedAttention(nn.Module):
         super().__init__()
         dim = args.dim
         self.num_heads = args.num_heads
-        self.q = Linear(dim, dim)
-        self.k = Linear(dim, dim)
-        self.v = Linear(dim, dim)
-        self.o = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=args.eps)
         self.norm_k = nn.RMSNorm(dim, eps=args.eps)
 

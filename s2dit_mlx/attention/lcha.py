@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..cache import ConvHistory, LinearAttentionCache
 from ..coreml.shapes import StateSpec
-from ..models.layers import Linear, apply_rope, rope_table
+from ..models.layers import apply_rope, rope_table
 from .common import ProjectedAttention, TokenLayout, projection_flops
 from .registry import AttentionKind, CallShape, register_attention
 
@@ -60,12 +61,12 @@ class LinConvAttention(ProjectedAttention):
         self.args = args
         feature_dim = args.lcha_feature_dim or args.head_dim
         kt, kh, kw = args.lcha_conv_kernel
-        self.feature_map = Linear(args.head_dim, feature_dim)
+        self.feature_map = nn.Linear(args.head_dim, feature_dim)
         # Depthwise kernel in MLX conv layout (O, D, H, W, I) with I = 1.
         scale = 1.0 / math.sqrt(kt * kh * kw)
         self.conv_weight = mx.random.uniform(-scale, scale, (args.dim, kt, kh, kw, 1))
         self.conv_bias = mx.zeros((args.dim,))
-        self.conv_proj = Linear(args.dim, args.dim)
+        self.conv_proj = nn.Linear(args.dim, args.dim)
         self.gate = mx.zeros((args.dim,))
 
     def _linear_path(self, q: mx.array, k: mx.array, v: mx.array, layout: TokenLayout):

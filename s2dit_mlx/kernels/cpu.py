@@ -1,23 +1,25 @@
-"""Vectorised softmax, SiLU and GELU for inference on MLX's CPU backend.
+"""The compiled CPU kernels (cpu_kernels.cpp) and the calls that run them on MLX arrays.
 
 The Linux `mlx[cpu]` wheel computes exp, sigmoid and tanh one element at a time (its SIMD
-width there is 1 and every polynomial step is an out-of-line `fma` call): ~25 ns per
-element, which makes attention softmax and the FFN's GELU most of a CPU forward pass at
-video lengths. `cpu_kernels.cpp` computes the same functions 16 lanes at a time. It is
-compiled once per machine with the system C++ compiler (as MLX compiles its own CPU
-kernels) into the user cache, and called through ctypes on the buffer of an array we just
-computed and nobody else holds, in place.
+width there is 1 and every polynomial step is an out-of-line `fma` call): ~25 ns per element,
+which makes attention softmax and the activations most of a CPU forward pass at video lengths.
+cpu_kernels.cpp computes them 16 lanes at a time, and has a GEMM (an AVX-512 micro-kernel)
+behind a linear layer, a fused attention and a direct 3D convolution.
 
-That bypasses MLX's graph, so it is only safe where nothing differentiates or traces the
-computation: it is off unless a caller opts in with `enabled()` (the inference pipelines and
-benchmarks do; training never does), it needs the CPU device and float32, and anything
-else (a compile trace, no compiler, S2DIT_NO_CPU_KERNELS=1) falls back to MLX's own ops.
+The library is compiled at first use (never at import) with the C++ compiler on PATH into the
+user cache, and called through ctypes. Every call here returns a NEW array, or None where it
+does not apply (another dtype or device, a size below its threshold, shapes the C++ cannot
+take, inside an mx.compile trace, no library, no AVX-512F for the GEMM kinds): the caller then
+runs MLX's own op. A call evaluates its inputs and reads their buffers; it writes only into an
+output it has just allocated and evaluated, which no other op has seen. No input is written.
+
+Which kernels run at all is decided by measurement (choice.py) and opted into per model
+(kernels/__init__.py); nothing here is reached unless a model was passed to `enable()`.
+Outputs are invisible to autodiff: inference only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import math
@@ -25,25 +27,37 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..errors import S2DiTError
 
 DISABLE_ENV = "S2DIT_NO_CPU_KERNELS"
+THREADS_ENV = "S2DIT_NUM_THREADS"
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # Below this many elements the eval + ctypes round trip costs more than it saves.
 MIN_ELEMENTS = 1 << 14
+# Below this many multiply-adds OpenBLAS's small-matrix paths are as fast.
+MIN_GEMM_MACS = 1 << 24
+# Elements per thread of an elementwise kernel (starting a thread costs ~20 us).
+ELEMENTS_PER_THREAD = 1 << 20
+# Multiply-adds per thread before a product is split: ~0.6 ms of work per core, well above
+# the cost of starting a thread, so small products (the built-in model's) stay on one thread:
+# splitting them was slower even on an idle machine, and on a busy one every split waits
+# for its slowest share.
+MACS_PER_THREAD = 1 << 26
 
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("s2dit_cpu_kernels", default=False)
-# Why the library is not in use, for `s2dit info` (None: not tried yet or loaded).
+# Why the library is not in use, for reports (None: not tried yet, or loaded).
 unavailable_reason: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The library
 
 
 def _cache_dir() -> Path:
@@ -56,6 +70,14 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _target(compiler: str) -> Path:
+    """Where the library built by `compiler` from this source lives (one per source/compiler)."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + f"{compiler}|{platform.machine()}".encode()
+    ).hexdigest()[:16]
+    return _cache_dir() / f"cpu_kernels-{key}.so"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -79,17 +101,14 @@ def _build(compiler: str, target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use), or None where they cannot be had."""
     global unavailable_reason
-    if os.environ.get(DISABLE_ENV):
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         unavailable_reason = f"disabled ({DISABLE_ENV} is set)"
         return None
     compiler = _compiler()
     if compiler is None:
         unavailable_reason = "no C++ compiler (c++, g++ or clang++) on PATH"
         return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{compiler}|{platform.machine()}".encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    target = _target(compiler)
     try:
         if not target.exists():
             _build(compiler, target)
@@ -98,133 +117,65 @@ def library() -> ctypes.CDLL | None:
         unavailable_reason = f"build failed: {err}"
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.s2dit_softmax_rows.argtypes = [ptr, i64, i64, ctypes.c_float]
-    lib.s2dit_silu.argtypes = [ptr, i64]
-    lib.s2dit_gelu_tanh.argtypes = [ptr, i64]
+    lib.s2dit_softmax.argtypes = [ptr, ptr, i64, i64, i64]
+    lib.s2dit_silu.argtypes = [ptr, ptr, i64, i64]
+    lib.s2dit_gelu_tanh.argtypes = [ptr, ptr, i64, i64]
     lib.s2dit_linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
     lib.s2dit_conv3d.argtypes = [ptr, *[i64] * 10, ptr, ptr, i64, ptr, i64]
     lib.s2dit_attention.argtypes = [*[i64] * 5, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64]
     lib.s2dit_gemm_supported.argtypes = []
     lib.s2dit_gemm_supported.restype = ctypes.c_int
-    for fn in (lib.s2dit_softmax_rows, lib.s2dit_silu, lib.s2dit_gelu_tanh):
-        fn.restype = None
-    for fn in (lib.s2dit_linear, lib.s2dit_conv3d, lib.s2dit_attention):
+    for fn in (
+        lib.s2dit_softmax, lib.s2dit_silu, lib.s2dit_gelu_tanh, lib.s2dit_linear,
+        lib.s2dit_conv3d, lib.s2dit_attention,
+    ):  # fmt: skip
         fn.restype = ctypes.c_int  # 0, or non-zero when a work buffer could not be allocated
     unavailable_reason = None
     return lib
 
 
-def status() -> str:
-    """For reports: the library in use ("vectorised (path)"), or why MLX's own ops run."""
-    lib = library()
-    if lib is None:
-        return f"off: {unavailable_reason}"
-    gemm = "AVX-512 GEMM, attention and conv" if gemm_available() else "no GEMM (needs AVX-512F)"
-    return f"vectorised, {gemm} ({lib._name})"
+def built() -> bool:
+    """Whether library() has been loaded in this process (nothing is built by asking)."""
+    return library.cache_info().currsize > 0 and library() is not None
 
 
-@contextlib.contextmanager
-def enabled(on: bool = True) -> Iterator[None]:
-    """Let the kernels run inside this block (inference only: they are invisible to grad)."""
-    token = _ENABLED.set(on)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+def library_status() -> str:
+    """The library's state, without building it: loaded, built earlier, to be built, or why not."""
+    if library.cache_info().currsize:
+        lib = library()
+        return f"loaded ({lib._name})" if lib is not None else f"unavailable: {unavailable_reason}"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"off ({DISABLE_ENV} is set)"
+    compiler = _compiler()
+    if compiler is None:
+        return "unavailable: no C++ compiler (c++, g++ or clang++) on PATH"
+    target = _target(compiler)
+    if target.exists():
+        return f"built ({target})"
+    return f"not built yet (built at first use with {compiler} into {target.parent})"
 
 
-def step_enabled(steps: Iterator) -> Iterator:
-    """Run each step of a generator inside `enabled()`, without leaking it between steps."""
-    while True:
-        with enabled():
-            try:
-                item = next(steps)
-            except StopIteration:
-                return
-        yield item
-
-
-def usable(x: mx.array) -> bool:
-    """Whether the kernels may run on `x` here (enabled, CPU, float32, big enough)."""
-    return (
-        _ENABLED.get()
-        and x.dtype == mx.float32
-        and x.size >= MIN_ELEMENTS
-        and mx.default_device() == mx.cpu
-        and library() is not None
-    )
-
-
-def _owned_buffer(x: mx.array) -> np.ndarray | None:
-    """Evaluate a fresh array and view its buffer (None inside compile and other traces)."""
-    check_allocation(x.nbytes, f"a {list(x.shape)} array")
-    try:
-        mx.eval(x)
-    except ValueError:  # "Attempting to eval an array during function transformations"
-        return None
-    view = np.asarray(x)
-    if not (view.flags.c_contiguous and view.flags.writeable):
-        return None
-    return view
-
-
-def _apply(x: mx.array, fresh: bool, name: str) -> mx.array | None:
-    """Kernel `name` over every element of x: in place when `fresh`, else on a copy."""
-    if not usable(x):
-        return None
-    out = x if fresh else x * 1.0  # x * 1.0: a buffer of our own when x may be shared
-    view = _owned_buffer(out)
-    if view is None:
-        return None
-    getattr(library(), name)(view.ctypes.data, view.size)
-    return out
-
-
-def silu(x: mx.array, fresh: bool = False) -> mx.array:
-    """x * sigmoid(x), vectorised when enabled on the CPU.
-
-    fresh=True promises that x was just returned by an MLX op and is held by nobody else
-    (a new array: MLX only reuses a buffer nothing else references), so it is overwritten.
-    """
-    out = _apply(x, fresh, "s2dit_silu")
-    return nn.silu(x) if out is None else out
-
-
-def gelu_tanh(x: mx.array, fresh: bool = False) -> mx.array:
-    """GELU with the tanh approximation, vectorised when enabled on the CPU (fresh: as silu)."""
-    out = _apply(x, fresh, "s2dit_gelu_tanh")
-    return nn.gelu_approx(x) if out is None else out
-
-
-def softmax_scores(scores: mx.array) -> bool:
-    """Softmax over the last axis of `scores`, in place, when it is a fresh array only the
-    caller holds; False when that cannot be done (the caller then uses mx.softmax)."""
-    if not usable(scores):
-        return False
-    if scores.ndim < 1 or scores.shape[-1] < 1:
-        return False
-    view = _owned_buffer(scores)
-    if view is None:
-        return False
-    cols = view.shape[-1]
-    library().s2dit_softmax_rows(view.ctypes.data, view.size // cols, cols, 1.0)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Matrix products and direct convolution
-
-# Below this many multiply-adds OpenBLAS's small-matrix paths are as fast.
-MIN_GEMM_MACS = 1 << 24
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU has AVX-512F (the GEMM kinds need it), read without the library."""
+    if library.cache_info().currsize and library() is not None:
+        return bool(library().s2dit_gemm_supported())
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                return any(line.startswith("flags") and " avx512f" in line for line in f)
+        except OSError:
+            return False
+    return False
 
 
 def gemm_available() -> bool:
-    """Whether the kernels' GEMM runs on this CPU (its micro-kernel needs AVX-512F)."""
+    """Whether the kernels' GEMM runs here (builds the library; its micro-kernel: AVX-512F)."""
     lib = library()
     return lib is not None and bool(lib.s2dit_gemm_supported())
 
 
-THREADS_ENV = "S2DIT_NUM_THREADS"
+# ----------------------------------------------------------------------------------------------
+# Threads
 
 
 @lru_cache(maxsize=1)
@@ -235,7 +186,7 @@ def _usable_cpus() -> int:
 
 
 def gemm_threads() -> int:
-    """Threads per product: S2DIT_NUM_THREADS, else a thread count the user gave OpenBLAS,
+    """Threads per kernel call: S2DIT_NUM_THREADS, else a thread count the user gave OpenBLAS,
     else every CPU this process may use (affinity and cgroup quota, not the machine's)."""
     for name in (THREADS_ENV, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "").strip()
@@ -244,26 +195,17 @@ def gemm_threads() -> int:
     return _usable_cpus()
 
 
-# Multiply-adds per thread before a product is split: ~0.6 ms of work per core, well above
-# the cost of starting a thread, so small products (the built-in model's) stay on one thread:
-# splitting them was slower even on an idle machine, and on a busy one every split waits
-# for its slowest share.
-MACS_PER_THREAD = 1 << 26
-
-
 def threads_for(macs: int) -> int:
     """Threads for a product of `macs` multiply-adds: gemm_threads(), fewer for small ones."""
     return max(1, min(gemm_threads(), macs // MACS_PER_THREAD))
 
 
-def _gemm_usable(macs: int, x: mx.array, *others: mx.array | None) -> bool:
-    """Enabled, big enough, x usable (see usable()) and every other operand float32."""
-    return (
-        macs >= MIN_GEMM_MACS
-        and usable(x)
-        and all(a is None or a.dtype == mx.float32 for a in others)
-        and gemm_available()
-    )
+def _elementwise_threads(count: int) -> int:
+    return max(1, min(gemm_threads(), count // ELEMENTS_PER_THREAD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Buffers
 
 
 def check_allocation(nbytes: int, what: str = "an array") -> None:
@@ -285,16 +227,30 @@ def check_allocation(nbytes: int, what: str = "an array") -> None:
         )
 
 
-def _zeros(shape: tuple[int, ...]) -> mx.array:
-    """A float32 output buffer, refused (S2DiTError) when it cannot exist."""
+def eligible(x: mx.array, min_elements: int = 0) -> bool:
+    """Cheap checks before any kernel: float32, MLX on the CPU, at least min_elements."""
+    return x.dtype == mx.float32 and x.size >= min_elements and mx.default_device() == mx.cpu
+
+
+def _new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray] | None:
+    """A new float32 array and a writable view of its buffer: allocated and evaluated here,
+    held by nobody else, so writing it changes what no other op has seen. None in traces."""
     check_allocation(4 * math.prod(shape), f"a {list(shape)} output")
-    return mx.zeros(shape, mx.float32)
+    out = mx.zeros(shape, mx.float32)
+    try:
+        mx.eval(out)
+    except ValueError:  # "Attempting to eval an array during function transformations"
+        return None
+    view = np.asarray(out)
+    if not (view.flags.c_contiguous and view.flags.writeable):
+        return None
+    return out, view
 
 
 def _read_buffer(x: mx.array, rows_ok: bool = False) -> np.ndarray | None:
-    """A numpy view of x's evaluated buffer, C-contiguous (or, with rows_ok, with only the
-    last axis contiguous), else of a contiguous copy of x (e.g. weights transposed by
-    sanitize()); None inside traces."""
+    """A numpy view of x's evaluated buffer, to be READ by a kernel: C-contiguous (or, with
+    rows_ok, with only the last axis contiguous), else of a contiguous copy of x (e.g. weights
+    transposed by sanitize()); None inside traces."""
     check_allocation(x.nbytes, f"a {list(x.shape)} array")
     try:
         mx.eval(x)
@@ -313,39 +269,123 @@ def _address(view: np.ndarray | None) -> int | None:
     return None if view is None else view.ctypes.data
 
 
-def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array | None:
-    """x @ weight.T + bias with the kernels' GEMM, or None where it does not apply."""
-    if x.ndim < 1 or weight.ndim != 2:
+# ----------------------------------------------------------------------------------------------
+# Elementwise: SiLU, GELU (tanh), softmax over the last axis
+
+
+def elementwise_applies(x: mx.array) -> bool:
+    return eligible(x, MIN_ELEMENTS)
+
+
+def _elementwise(x: mx.array, name: str) -> mx.array | None:
+    if not elementwise_applies(x) or library() is None:
         return None
+    src = _read_buffer(x)
+    made = _new_output(tuple(x.shape))
+    if src is None or made is None:
+        return None
+    out, view = made
+    failed = getattr(library(), name)(
+        src.ctypes.data, view.ctypes.data, x.size, _elementwise_threads(x.size)
+    )
+    return None if failed else out
+
+
+def silu(x: mx.array) -> mx.array | None:
+    """x * sigmoid(x) as a new array (None: use nn.silu)."""
+    return _elementwise(x, "s2dit_silu")
+
+
+def gelu_tanh(x: mx.array) -> mx.array | None:
+    """GELU, tanh approximation (nn.gelu_approx), as a new array (None: use MLX's)."""
+    return _elementwise(x, "s2dit_gelu_tanh")
+
+
+def softmax(x: mx.array) -> mx.array | None:
+    """Softmax over the last axis as a new array (None: use mx.softmax)."""
+    if x.ndim < 1 or x.shape[-1] < 1 or not elementwise_applies(x) or library() is None:
+        return None
+    src = _read_buffer(x)
+    made = _new_output(tuple(x.shape))
+    if src is None or made is None:
+        return None
+    out, view = made
+    cols = x.shape[-1]
+    rows = x.size // cols
+    failed = library().s2dit_softmax(
+        src.ctypes.data, view.ctypes.data, rows, cols, _elementwise_threads(x.size)
+    )
+    return None if failed else out
+
+
+def softmax_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, score_budget: int
+) -> mx.array | None:
+    """Query-tiled attention on [B, H, L, D]: MLX's products, the softmax kernel (the path
+    for CPUs without AVX-512F); at most `score_budget` scores alive at once."""
+    if q.ndim != 4 or not eligible(q, MIN_ELEMENTS) or library() is None:
+        return None
+    batch, heads, lq, _ = q.shape
+    tile = max(1, score_budget // (batch * heads * k.shape[2]))
+    k_t = mx.contiguous(k.swapaxes(-1, -2))
+    q, v = mx.contiguous(q * scale), mx.contiguous(v)
+    outs = []
+    for i in range(0, lq, tile):
+        weights = softmax(q[:, :, i : i + tile] @ k_t)
+        if weights is None:
+            return None
+        out = weights @ v
+        mx.eval(out)  # frees this tile's scores before the next tile is computed
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix products and direct convolution (AVX-512F)
+
+
+def _gemm_operands_ok(macs: int, x: mx.array, *others: mx.array | None) -> bool:
+    """Big enough, x eligible and every other operand float32."""
+    return (
+        macs >= MIN_GEMM_MACS
+        and eligible(x)
+        and all(a is None or a.dtype == mx.float32 for a in others)
+    )
+
+
+def linear_applies(x: mx.array, weight: mx.array, bias: mx.array | None) -> bool:
+    """Whether linear() takes these operands (shapes the C++ trusts, sizes, dtypes)."""
+    if x.ndim < 1 or weight.ndim != 2:
+        return False
     k, n = x.shape[-1], weight.shape[0]
     m = x.size // max(k, 1)
     # Shapes the product reads must match (the C++ trusts them), else MLX raises its own error.
     if k < 1 or weight.shape[1] != k or (bias is not None and tuple(bias.shape) != (n,)):
-        return None
+        return False
     # (Narrow outputs waste most of the 32-wide micro-kernel: OpenBLAS does those.)
-    if n < 16 or not _gemm_usable(m * n * k, x, weight, bias):
+    return n >= 16 and _gemm_operands_ok(m * n * k, x, weight, bias)
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array | None:
+    """x @ weight.T + bias with the kernels' GEMM as a new array, or None."""
+    if not linear_applies(x, weight, bias) or not gemm_available():
         return None
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.size // k
     a, w = _read_buffer(x), _read_buffer(weight)
     b = None if bias is None else _read_buffer(bias)
-    out = _zeros((m, n))
-    view = _owned_buffer(out)
-    if a is None or w is None or view is None or (bias is not None and b is None):
+    made = _new_output((m, n))
+    if a is None or w is None or made is None or (bias is not None and b is None):
         return None
+    out, view = made
     failed = library().s2dit_linear(
-        m,
-        n,
-        k,
-        a.ctypes.data,
-        k,
-        w.ctypes.data,
-        _address(b),
-        view.ctypes.data,
+        m, n, k, a.ctypes.data, k, w.ctypes.data, _address(b), view.ctypes.data,
         threads_for(m * n * k),
-    )
+    )  # fmt: skip
     return None if failed else out.reshape(*x.shape[:-1], n)
 
 
-def conv3d(
+def conv3d_applies(
     x: mx.array,
     weight: mx.array,
     bias: mx.array | None = None,
@@ -353,16 +393,10 @@ def conv3d(
     causal: bool = False,
     padding: tuple[int, int] = (0, 0),
     upsample: int = 1,
-) -> mx.array | None:
-    """Stride-1 conv3d of x [B, T, H, W, C] by weight [O, kt, kh, kw, C], or None.
-
-    A direct convolution that reads its input in place: with `causal`, x is preceded by
-    `history` [B, kt - 1, H, W, C] (None: zeros) and gives T output frames; `padding` zero
-    pads (h, w); `upsample` 2 convolves the 2x nearest-upsampled frames. None of these
-    inputs is built in memory.
-    """
+) -> bool:
+    """Whether conv3d() takes these operands (see there)."""
     if x.ndim != 5 or weight.ndim != 5:
-        return None
+        return False
     b, t, h, w, c = x.shape
     o, kt, kh, kw, cin = weight.shape
     ph, pw = padding
@@ -374,21 +408,48 @@ def conv3d(
         or (bias is not None and tuple(bias.shape) != (o,))
         or (causal and history is not None and tuple(history.shape) != (b, kt - 1, h, w, c))
     ):
-        return None
+        return False
     ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
     t_out = t if causal else t - kt + 1
     macs = b * t_out * ho * wo * o * kt * kh * kw * c
     # Even a 3-channel output conv is faster here than as 27 three-column products.
-    if min(t_out, ho, wo) < 1 or not _gemm_usable(macs, x, weight, bias, history):
+    return min(t_out, ho, wo) >= 1 and _gemm_operands_ok(macs, x, weight, bias, history)
+
+
+def conv3d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    history: mx.array | None = None,
+    causal: bool = False,
+    padding: tuple[int, int] = (0, 0),
+    upsample: int = 1,
+) -> mx.array | None:
+    """Stride-1 conv3d of x [B, T, H, W, C] by weight [O, kt, kh, kw, C] as a new array, or None.
+
+    A direct convolution that reads its input in place: with `causal`, x is preceded by
+    `history` [B, kt - 1, H, W, C] (None: zeros) and gives T output frames; `padding` zero
+    pads (h, w); `upsample` 2 convolves the 2x nearest-upsampled frames. None of these
+    inputs is built in memory.
+    """
+    if not conv3d_applies(x, weight, bias, history, causal, padding, upsample):
         return None
+    if not gemm_available():
+        return None
+    b, t, h, w, c = x.shape
+    o, kt, kh, kw, _ = weight.shape
+    ph, pw = padding
+    ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
+    t_out = t if causal else t - kt + 1
+    macs = b * t_out * ho * wo * o * kt * kh * kw * c
     xs, wts = _read_buffer(x), _read_buffer(weight)
     bias_view = None if bias is None else _read_buffer(bias)
     hist = None if history is None or not causal else _read_buffer(history)
-    out = _zeros((b, t_out, ho, wo, o))
-    out_view = _owned_buffer(out)
-    given = [(xs, x), (wts, weight), (bias_view, bias), (hist, history), (out_view, out)]
-    if any(view is None and array is not None for view, array in given):
+    made = _new_output((b, t_out, ho, wo, o))
+    given = [(xs, x), (wts, weight), (bias_view, bias), (hist, history if causal else None)]
+    if made is None or any(view is None and array is not None for view, array in given):
         return None
+    out, out_view = made
     frame_bytes = h * w * c * 4
     for i in range(b):
         # The kt - 1 frames before x (None: zeros), then x's own.
@@ -419,27 +480,41 @@ def attention_tile(lq: int, lk: int) -> int:
     return min(lq, tiles * GEMM_TILE_ROWS)
 
 
+def attention_scratch_bytes(heads: int, nq: int, nk: int, head_dim: int, threads: int) -> float:
+    """Host memory of one attention() call: per thread a score tile and packed keys, values."""
+    tile = attention_tile(nq, nk)
+    per_thread = tile * (nk + 16) + 2 * (nk + 32) * (head_dim + 32)
+    return 4.0 * per_thread * max(1, min(threads, heads))
+
+
+def attention_applies(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether attention() takes these operands (see there)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return False
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    # Keys and values must cover every (batch, head) and row the kernel reads.
+    if tuple(k.shape) != (b, h, lk, d) or tuple(v.shape) != (b, h, lk, d) or min(lq, lk) < 1:
+        return False
+    return d >= 16 and _gemm_operands_ok(b * h * lq * lk * d, q, k, v)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array | None:
-    """softmax(scale * q k^T) v on [B, H, L, D] arrays (any strides), or None.
+    """softmax(scale * q k^T) v on [B, H, L, D] arrays (any strides) as a new array, or None.
 
     Scores are computed a query tile at a time into a small buffer by the kernels' GEMM
     and never reach MLX. The result is [B, H, Lq, D] laid out as [B, Lq, H, D], so the
     usual transpose back to tokens is free.
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    if not attention_applies(q, k, v) or not gemm_available():
         return None
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    # Keys and values must cover every (batch, head) and row the kernel reads.
-    if tuple(k.shape) != (b, h, lk, d) or tuple(v.shape) != (b, h, lk, d) or min(lq, lk) < 1:
-        return None
-    if d < 16 or not _gemm_usable(b * h * lq * lk * d, q, k, v):
-        return None
     views = [_read_buffer(a, rows_ok=True) for a in (q, k, v)]
-    out = _zeros((b, lq, h, d))
-    out_view = _owned_buffer(out)
-    if any(view is None for view in views) or out_view is None:
+    made = _new_output((b, lq, h, d))
+    if any(view is None for view in views) or made is None:
         return None
+    out, out_view = made
     strides = [st // 4 for view in views for st in view.strides[:3]]
     strides += [lq * h * d, d, h * d]  # out as [B, H, L, D]
     table = (ctypes.c_int64 * 12)(*strides)

@@ -1,10 +1,10 @@
 // Vectorised float32 kernels for MLX's CPU backend (built at first use by
-// s2dit_mlx.kernels.cpu; see that module for why they exist).
+// s2dit_mlx.kernels.cpu; see s2dit_mlx/kernels/__init__.py for when they run).
 //
 // The Linux mlx[cpu] wheel evaluates exp, tanh and sigmoid one element at a time
 // through out-of-line std::fma calls (~25 ns per element); these kernels compute
-// the same functions 16 lanes at a time and work in place on a buffer that the
-// caller owns.
+// the same functions 16 lanes at a time. Every entry point reads its inputs and writes
+// a separate output buffer (a new array the caller just allocated): no input is modified.
 //
 // s2dit_linear and s2dit_conv3d share a blocked GEMM with a 12x32 AVX-512 micro-kernel
 // (about 100 GFLOP/s per core on the CI machine's AMD EPYC, where OpenBLAS reaches 60-95
@@ -106,11 +106,13 @@ INLINE float hsum(vfloat v) {
 
 extern "C" {
 
-// Softmax of scale * x over each row of a contiguous [rows, cols] buffer, in place
-// (scale > 0).
-DISPATCH void s2dit_softmax_rows(float* x, int64_t rows, int64_t cols, float scale) {
+// Softmax of scale * x over each row of a contiguous [rows, cols] buffer into out (scale >
+// 0); out may be x itself (the attention kernel's own score buffer).
+DISPATCH void s2dit_softmax_rows(const float* x, float* out, int64_t rows, int64_t cols,
+                                 float scale) {
   for (int64_t row = 0; row < rows; ++row) {
-    float* a = x + row * cols;
+    const float* a = x + row * cols;
+    float* o = out + row * cols;
     vfloat m = splat(-__builtin_inff());
     for (int64_t i = 0; i < cols; i += LANES) {
       int64_t n = cols - i < LANES ? cols - i : LANES;
@@ -125,33 +127,33 @@ DISPATCH void s2dit_softmax_rows(float* x, int64_t rows, int64_t cols, float sca
         for (int64_t j = n; j < LANES; ++j) e[j] = 0.0f;  // padding adds nothing
       }
       total += e;
-      store(a + i, e, n);
+      store(o + i, e, n);
     }
     const float inv = 1.0f / hsum(total);
     for (int64_t i = 0; i < cols; i += LANES) {
       int64_t n = cols - i < LANES ? cols - i : LANES;
-      store(a + i, load(a + i, n, 0.0f) * inv, n);
+      store(o + i, load(o + i, n, 0.0f) * inv, n);
     }
   }
 }
 
-// x * sigmoid(x), in place.
-DISPATCH void s2dit_silu(float* x, int64_t count) {
+// out = x * sigmoid(x) over count elements.
+DISPATCH void s2dit_silu_range(const float* x, float* out, int64_t count) {
   for (int64_t i = 0; i < count; i += LANES) {
     int64_t n = count - i < LANES ? count - i : LANES;
     vfloat v = load(x + i, n, 0.0f);
-    store(x + i, v / (1.0f + vexp(-v)), n);
+    store(out + i, v / (1.0f + vexp(-v)), n);
   }
 }
 
-// GELU, tanh approximation: 0.5 x (1 + tanh(y)) = x * sigmoid(2y),
-// y = sqrt(2 / pi) (x + 0.044715 x^3); in place.
-DISPATCH void s2dit_gelu_tanh(float* x, int64_t count) {
+// out = GELU(x), tanh approximation: 0.5 x (1 + tanh(y)) = x * sigmoid(2y),
+// y = sqrt(2 / pi) (x + 0.044715 x^3).
+DISPATCH void s2dit_gelu_tanh_range(const float* x, float* out, int64_t count) {
   for (int64_t i = 0; i < count; i += LANES) {
     int64_t n = count - i < LANES ? count - i : LANES;
     vfloat v = load(x + i, n, 0.0f);
     vfloat z = 1.5957691216057308f * (v + 0.044715f * v * v * v);
-    store(x + i, v / (1.0f + vexp(-z)), n);
+    store(out + i, v / (1.0f + vexp(-z)), n);
   }
 }
 
@@ -342,19 +344,6 @@ void multiply(const Rows& A, const float* packed, const float* bias, float* c, i
   }
 }
 
-// Rows [m_begin, m_end) of C (row stride ldc, all N columns) = bias + A @ B.
-template <class Rows>
-void gemm_rows(const Rows& A, const MatrixB& B, const float* bias, float* c, int64_t ldc,
-               int64_t m_begin, int64_t m_end, int64_t N) {
-  const int64_t K = A.taps() * A.cin();
-  Scratch b_buf(NC * K);
-  for (int64_t n0 = 0; n0 < N; n0 += NC) {
-    const int64_t nc = N - n0 < NC ? N - n0 : NC;
-    pack_b(B, K, n0, (nc + NR - 1) / NR * NR, N, b_buf.data());
-    multiply(A, b_buf.data(), bias ? bias + n0 : nullptr, c + n0, ldc, m_begin, m_end, nc);
-  }
-}
-
 // Run work(0..count) on up to `count` threads (the caller's among them); threads block in
 // join, never spin. A share whose thread cannot be started runs on the caller's. Returns
 // false when any share failed (out of memory): an exception must not leave a thread.
@@ -382,24 +371,64 @@ bool run_shared(int64_t count, const Work& work) {
   return !failed;
 }
 
-// All M rows, split over `threads` threads in whole MC blocks (no shared rows of C).
-template <class Rows>
-bool gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
-          int64_t ldc, int64_t threads) {
-  const int64_t blocks = (M + MC - 1) / MC;
-  if (threads > blocks) threads = blocks;
+constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// Items 0..count-1 handed out one at a time to up to `threads` threads (the caller's among
+// them). A thread the OS deschedules (another busy process) simply takes fewer items: nobody
+// waits for a fixed share of a slow thread, and nobody spins.
+template <class Item>
+bool parallel_items(int64_t count, int64_t threads, const Item& item) {
+  if (threads > count) threads = count;
   if (threads < 1) threads = 1;
-  return run_shared(threads, [&](int64_t t) {
-    const int64_t lo = blocks * t / threads * MC, hi = blocks * (t + 1) / threads * MC;
-    gemm_rows(A, B, bias, c, ldc, lo, hi < M ? hi : M, N);
+  std::atomic<int64_t> next{0};
+  return run_shared(threads, [&](int64_t) {
+    for (int64_t i = next++; i < count; i = next++) item(i);
   });
 }
 
-constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+// C[M, N] = bias + A @ B on up to `threads` threads: B is packed once (NC-column blocks, by
+// whichever threads are free), then (MC rows x NC columns) tiles of C go to threads as they
+// come free, each tile written by one thread. The packed B (the size of B) is a pooled
+// buffer, kept for the next call.
+template <class Rows>
+bool gemm(const Rows& A, int64_t M, int64_t N, const MatrixB& B, const float* bias, float* c,
+          int64_t ldc, int64_t threads) {
+  const int64_t K = A.taps() * A.cin();
+  const int64_t col_blocks = (N + NC - 1) / NC, row_blocks = (M + MC - 1) / MC;
+  try {
+    Scratch packed(round_up(N, NR) * K);
+    float* p = packed.data();
+    const bool ok = parallel_items(col_blocks, threads, [&](int64_t j) {
+      const int64_t n0 = j * NC, nc = N - n0 < NC ? N - n0 : NC;
+      pack_b(B, K, n0, round_up(nc, NR), N, p + n0 * K);
+    });
+    return ok && parallel_items(col_blocks * row_blocks, threads, [&](int64_t t) {
+      // Column block outermost: consecutive tiles reuse one packed block of B.
+      const int64_t n0 = t / row_blocks * NC, m0 = t % row_blocks * MC;
+      const int64_t nc = N - n0 < NC ? N - n0 : NC, m1 = M - m0 < MC ? M : m0 + MC;
+      multiply(A, p + n0 * K, bias ? bias + n0 : nullptr, c + n0, ldc, m0, m1, nc);
+    });
+  } catch (...) {
+    return false;
+  }
+}
 
 // Softmax of scale * x over `rows` rows of `cols` values, row stride ld, in place.
 void softmax_strided(float* x, int64_t rows, int64_t cols, int64_t ld, float scale) {
-  for (int64_t r = 0; r < rows; ++r) s2dit_softmax_rows(x + r * ld, 1, cols, scale);
+  for (int64_t r = 0; r < rows; ++r) s2dit_softmax_rows(x + r * ld, x + r * ld, 1, cols, scale);
+}
+
+// An elementwise function over count elements on up to `threads` threads, in chunks.
+constexpr int64_t CHUNK = LANES * 4096;
+
+template <class Range>
+int elementwise(const float* x, float* out, int64_t count, int64_t threads, Range range) {
+  if (count < 0 || threads < 1) return 1;
+  const bool ok = parallel_items((count + CHUNK - 1) / CHUNK, threads, [&](int64_t i) {
+    const int64_t lo = i * CHUNK;
+    range(x + lo, out + lo, count - lo < CHUNK ? count - lo : CHUNK);
+  });
+  return ok ? 0 : 1;
 }
 
 // One (batch, head) of attention: k and v are packed once, then query rows go in tiles of
@@ -425,6 +454,26 @@ void attention_head(const float* q, int64_t ldq, const float* k, int64_t ldk, co
 extern "C" {
 
 #define S2DIT_FAILED 1
+
+// out = SiLU(x), out = GELU-tanh(x), and out = the softmax of each of `rows` rows of `cols`
+// values of x: separate buffers, on up to `threads` threads. 0, or S2DIT_FAILED.
+int s2dit_silu(const float* x, float* out, int64_t count, int64_t threads) {
+  return elementwise(x, out, count, threads, s2dit_silu_range);
+}
+
+int s2dit_gelu_tanh(const float* x, float* out, int64_t count, int64_t threads) {
+  return elementwise(x, out, count, threads, s2dit_gelu_tanh_range);
+}
+
+int s2dit_softmax(const float* x, float* out, int64_t rows, int64_t cols, int64_t threads) {
+  if (rows < 0 || cols < 1 || threads < 1) return S2DIT_FAILED;
+  const int64_t per = cols < CHUNK ? CHUNK / cols : 1;  // rows per item
+  const bool ok = parallel_items((rows + per - 1) / per, threads, [&](int64_t i) {
+    const int64_t lo = i * per, n = rows - lo < per ? rows - lo : per;
+    s2dit_softmax_rows(x + lo * cols, out + lo * cols, n, cols, 1.0f);
+  });
+  return ok ? 0 : S2DIT_FAILED;
+}
 
 // Whether this CPU runs the GEMM's micro-kernel (AVX-512F).
 int s2dit_gemm_supported(void) {
@@ -456,11 +505,12 @@ int s2dit_attention(int64_t batch, int64_t heads, int64_t lq, int64_t lk, int64_
   const int64_t pairs = batch * heads;
   if (threads > pairs) threads = pairs;
   if (threads < 1) threads = 1;
-  // Heads spread over threads, each with its own buffers.
-  const bool ok = run_shared(threads, [&](int64_t first) {
+  // Heads go to threads as they come free, each thread with its own buffers.
+  std::atomic<int64_t> next{0};
+  const bool ok = run_shared(threads, [&](int64_t) {
     Scratch scores(tile * round_up(lk, 16));
     Scratch packed_k(round_up(lk, NR) * d), packed_v(round_up(d, NR) * lk);
-    for (int64_t p = first; p < pairs; p += threads) {
+    for (int64_t p = next++; p < pairs; p = next++) {
       const int64_t b = p / heads, h = p % heads;
       attention_head(q + b * sq[0] + h * sq[1], sq[2], k + b * sk[0] + h * sk[1], sk[2],
                      v + b * sv[0] + h * sv[1], sv[2], out + b * so[0] + h * so[1], so[2], lq,

@@ -1,4 +1,8 @@
-"""Building blocks shared by the S2DiT and Wan models: 3D RoPE, CPU-friendly attention."""
+"""Building blocks shared by the S2DiT and Wan models: 3D RoPE, CPU-friendly attention.
+
+Plain MLX ops only. Attention and the tanh GELU are modules, so that the opt-in Linux CPU
+path (s2dit_mlx.kernels) can swap in kernel-backed subclasses, as it does for nn.Linear.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from ..kernels import cpu as cpu_kernels
 
 # Largest score matrix (elements, all heads and batch together) one attention call may hold.
 # MLX's CPU attention is unfused and materialises every score, so we tile the queries.
@@ -56,23 +58,6 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return out.reshape(shape).astype(x.dtype)
 
 
-def _attention_cpu_kernels(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, tile: int
-) -> mx.array | None:
-    """Query-tiled attention with the vectorised softmax (None: not possible here)."""
-    k_t = mx.contiguous(k.swapaxes(-1, -2))
-    q, v = mx.contiguous(q * scale), mx.contiguous(v)
-    outs = []
-    for i in range(0, q.shape[2], tile):
-        scores = q[:, :, i : i + tile] @ k_t
-        if not cpu_kernels.softmax_scores(scores):
-            return None
-        out = scores @ v
-        mx.eval(out)  # frees this tile's scores before the next tile is computed
-        outs.append(out)
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
 def attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None
 ) -> mx.array:
@@ -85,12 +70,6 @@ def attention(
     tile = max(1, ATTENTION_SCORE_BUDGET // (batch * heads * k_len))
     if mask is not None:
         mask = mask.reshape(1, 1, 1, k_len)
-    if mask is None and cpu_kernels.usable(q):  # (each kernel decides on the sizes it takes)
-        out = cpu_kernels.attention(q, k, v, scale)
-        if out is None:  # too small for the GEMM, or no AVX-512: the softmax kernel alone
-            out = _attention_cpu_kernels(q, k, v, scale, tile)
-        if out is not None:
-            return out
     if mx.default_device() == mx.gpu or batch * heads * q_len * k_len <= ATTENTION_SCORE_BUDGET:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     # Callers pass transposed views; each tile would copy them again (twice the time at 4680
@@ -106,16 +85,17 @@ def attention(
     return mx.concatenate(outs, axis=2)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose product runs on the CPU kernels' GEMM where they are enabled."""
+class ScaledDotProductAttention(nn.Module):
+    """`attention()` as a (parameter-free) module: what the attention layers call."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        out = cpu_kernels.linear(x, self.weight, self.get("bias"))
-        return super().__call__(x) if out is None else out
+    def __call__(
+        self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None
+    ) -> mx.array:
+        return attention(q, k, v, scale, mask)
 
 
 class GeluTanh(nn.Module):
-    """GELU, tanh approximation (nn.GELU(approx="tanh")), vectorised on the CPU when enabled."""
+    """GELU, tanh approximation (nn.GELU(approx="tanh"))."""
 
-    def __call__(self, x: mx.array, fresh: bool = False) -> mx.array:
-        return cpu_kernels.gelu_tanh(x, fresh)
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.gelu_approx(x)

@@ -28,7 +28,6 @@ import mlx.nn as nn
 from ..cache import ConvHistories, ConvHistory
 from ..config import ConfigBase
 from ..errors import S2DiTError
-from ..kernels.cpu import silu
 from ..validate import check_field_types
 from .interfaces import LatentSpace, StreamingDecoder
 
@@ -106,12 +105,13 @@ class MLPBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim)
+        self.act = nn.SiLU()
         self.fc2 = nn.Linear(dim, dim)
         self.fc2.weight = mx.zeros_like(self.fc2.weight)
         self.fc2.bias = mx.zeros_like(self.fc2.bias)
 
     def __call__(self, h: mx.array) -> mx.array:
-        return h + self.fc2(silu(self.fc1(h), fresh=True))
+        return h + self.fc2(self.act(self.fc1(h)))
 
 
 class Encoder(nn.Module):
@@ -121,11 +121,12 @@ class Encoder(nn.Module):
         super().__init__()
         patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
         self.patch_in = nn.Linear(patch, cfg.hidden_dim)
+        self.act = nn.SiLU()
         self.blocks = [MLPBlock(cfg.hidden_dim) for _ in range(cfg.mlp_blocks)]
         self.conv = CausalConv3d(cfg.hidden_dim, cfg.z_dim, cfg.temporal_kernel, cfg.spatial_kernel)
 
     def __call__(self, patches: mx.array) -> mx.array:
-        h = silu(self.patch_in(patches), fresh=True)
+        h = self.act(self.patch_in(patches))
         for block in self.blocks:
             h = block(h)
         return self.conv(h)
@@ -138,12 +139,13 @@ class Decoder(nn.Module):
         super().__init__()
         patch = cfg.temporal_factor * cfg.spatial_factor**2 * 3
         self.conv = CausalConv3d(cfg.z_dim, cfg.hidden_dim, cfg.temporal_kernel, cfg.spatial_kernel)
+        self.act = nn.SiLU()
         self.blocks = [MLPBlock(cfg.hidden_dim) for _ in range(cfg.mlp_blocks)]
         self.patch_out = nn.Linear(cfg.hidden_dim, patch)
 
     def __call__(self, z: mx.array, histories: ConvHistories | None = None) -> mx.array:
         history = histories.of(self.conv, self.conv.kt - 1) if histories is not None else None
-        h = silu(self.conv(z, history))
+        h = self.act(self.conv(z, history))
         for block in self.blocks:
             h = block(h)
         return self.patch_out(h)

@@ -23,7 +23,7 @@ from ..cache import StreamCache
 from ..config import ConfigBase
 from ..errors import S2DiTError
 from ..validate import check_field_types
-from .layers import GeluTanh, Linear, attention
+from .layers import GeluTanh, ScaledDotProductAttention
 
 
 @dataclass
@@ -138,6 +138,10 @@ def layer_norm(x: mx.array, eps: float) -> mx.array:
 class CrossAttention(ProjectedAttention):
     """Wan text cross-attention: q from the video tokens, k and v from the text."""
 
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.attend = ScaledDotProductAttention()
+
     def keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
         """The text's keys and values [B, H, L, D] (a stream computes them once: TextCache)."""
         b, _, d = context.shape
@@ -152,7 +156,7 @@ class CrossAttention(ProjectedAttention):
         q = self.norm_q(self.q(x)).reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
         k, v = keys_values if keys_values is not None else self.keys_values(context)
         scale = 1.0 / math.sqrt(d // self.num_heads)
-        out = attention(q, k, v, scale)
+        out = self.attend(q, k, v, scale)
         return self.o(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -166,8 +170,8 @@ class Block(nn.Module):
         self.self_attn = attention_kind(block_type).module(args)
         self.norm3 = nn.LayerNorm(args.dim, eps=args.eps) if args.cross_attn_norm else None
         self.cross_attn = CrossAttention(args)
-        self.ffn = [Linear(args.dim, args.ffn_dim), GeluTanh()]
-        self.ffn.append(Linear(args.ffn_dim, args.dim))
+        self.ffn = [nn.Linear(args.dim, args.ffn_dim), GeluTanh()]
+        self.ffn.append(nn.Linear(args.ffn_dim, args.dim))
         self.modulation = mx.random.normal((1, 6, args.dim)) / math.sqrt(args.dim)
 
     def __call__(
@@ -191,7 +195,7 @@ class Block(nn.Module):
         x = x + self.cross_attn(h.reshape(b, t * s, d), context, text_kv).reshape(x.shape)
         h = (layer_norm(x, self.eps) * (1 + scale2) + shift2).astype(dtype)
         fc1, gelu, fc2 = self.ffn
-        h = fc2(gelu(fc1(h), fresh=True))  # fc1's output is new: GELU may overwrite it
+        h = fc2(gelu(fc1(h)))
         return (x + h * gate2).astype(dtype)
 
 
@@ -201,7 +205,7 @@ class Head(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.eps = args.eps
-        self.head = Linear(args.dim, args.out_dim * math.prod(args.patch_size))
+        self.head = nn.Linear(args.dim, args.out_dim * math.prod(args.patch_size))
         self.modulation = mx.random.normal((1, 2, args.dim)) / math.sqrt(args.dim)
 
     def __call__(self, x: mx.array, e: mx.array) -> mx.array:
@@ -237,10 +241,10 @@ class S2DiT(nn.Module):
         self.args = args
         dim = args.dim
         self.patch_embedding = PatchEmbedding(args)
-        self.text_embedding = [Linear(args.text_dim, dim), GeluTanh()]
-        self.text_embedding.append(Linear(dim, dim))
-        self.time_embedding = [Linear(args.freq_dim, dim), nn.SiLU(), Linear(dim, dim)]
-        self.time_projection = [nn.SiLU(), Linear(dim, 6 * dim)]
+        self.text_embedding = [nn.Linear(args.text_dim, dim), GeluTanh()]
+        self.text_embedding.append(nn.Linear(dim, dim))
+        self.time_embedding = [nn.Linear(args.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)]
+        self.time_projection = [nn.SiLU(), nn.Linear(dim, 6 * dim)]
         self.blocks = [Block(args, block_type) for block_type in args.layers]
         self.head = Head(args)
 
@@ -256,7 +260,7 @@ class S2DiT(nn.Module):
             context = mx.concatenate([context, pad.astype(context.dtype)], axis=1)
         context = context[:, : self.args.text_len]
         fc1, gelu, fc2 = self.text_embedding
-        return fc2(gelu(fc1(context), fresh=True))
+        return fc2(gelu(fc1(context)))
 
     def embed_time(self, t: mx.array, frames: int) -> tuple[mx.array, mx.array]:
         """Per-frame time embedding [B, T, dim] and block modulation [B, T, 6, dim], float32."""

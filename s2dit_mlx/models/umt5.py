@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,22 +31,19 @@ import numpy as np
 
 from ..config import ConfigBase
 from ..errors import S2DiTError
-from ..kernels import cpu as cpu_kernels
 from ..tokenizer import CLEAN_MODES, Tokenizer
 from ..validate import check_field_types
-from .layers import Linear
+from .layers import GeluTanh
 
-# feed_forward_proj -> (gated, activation), as transformers reads T5Config.feed_forward_proj
-# ("gated-gelu" is the tanh approximation, transformers' "gelu_new").
-# The gelu/silu calls overwrite their input (fresh=True): FeedForward only passes them the
-# new output of a Linear.
+# feed_forward_proj -> (gated, activation module), as transformers reads
+# T5Config.feed_forward_proj ("gated-gelu" is the tanh approximation, transformers' "gelu_new").
 _FEED_FORWARD = {
-    "gated-gelu": (True, partial(cpu_kernels.gelu_tanh, fresh=True)),
-    "gated-silu": (True, partial(cpu_kernels.silu, fresh=True)),
-    "gated-relu": (True, nn.relu),
-    "relu": (False, nn.relu),
-    "gelu": (False, nn.gelu),
-    "silu": (False, partial(cpu_kernels.silu, fresh=True)),
+    "gated-gelu": (True, GeluTanh),
+    "gated-silu": (True, nn.SiLU),
+    "gated-relu": (True, nn.ReLU),
+    "relu": (False, nn.ReLU),
+    "gelu": (False, nn.GELU),
+    "silu": (False, nn.SiLU),
 }
 
 
@@ -158,10 +155,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         inner = num_heads * head_dim
-        self.q = Linear(dim, inner, bias=False)
-        self.k = Linear(dim, inner, bias=False)
-        self.v = Linear(dim, inner, bias=False)
-        self.o = Linear(inner, dim, bias=False)
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.k = nn.Linear(dim, inner, bias=False)
+        self.v = nn.Linear(dim, inner, bias=False)
+        self.o = nn.Linear(inner, dim, bias=False)
 
     def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
         b, n, _ = x.shape
@@ -178,11 +175,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, dim_ffn: int, kind: str):
         super().__init__()
-        gated, self.act = _FEED_FORWARD[kind]
+        gated, activation = _FEED_FORWARD[kind]
+        self.act = activation()
         if gated:
-            self.gate = Linear(dim, dim_ffn, bias=False)
-        self.fc1 = Linear(dim, dim_ffn, bias=False)
-        self.fc2 = Linear(dim_ffn, dim, bias=False)
+            self.gate = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.fc1(x)

@@ -32,11 +32,9 @@ import numpy as np
 from ..cache import ConvHistories, ConvHistory
 from ..config import ConfigBase
 from ..errors import S2DiTError
-from ..kernels import cpu as cpu_kernels
-from ..kernels.cpu import silu
 from ..validate import check_field_types
 from .interfaces import LatentSpace, StreamingDecoder
-from .layers import attention
+from .layers import ScaledDotProductAttention
 
 # Published latent statistics (per channel): latents are stored as (z - mean) / std.
 WAN21_LATENTS_MEAN = [
@@ -293,21 +291,11 @@ class CausalConv3d(nn.Conv3d):
         if self.weight.shape[1:4] == (1, 1, 1):
             return _pointwise(x, self.weight, self.bias)
         keep = self.kt - 1
-        history = cache.of(self, keep) if cache is not None and keep else None
-        past = history.history if history is not None else None
-        # The CPU kernels' direct convolution reads the history and the padding in place.
-        out = cpu_kernels.conv3d(
-            x, self.weight, self.bias, past, causal=keep > 0, padding=(self.ph, self.pw)
-        )
         if keep:
-            # MLX's conv needs x after its history (zeros before the video starts); the
-            # kernel only when x is too short to leave a whole history behind.
-            if out is None or x.shape[1] < keep:
-                x = (history or ConvHistory(keep)).prepend(x)
-            if history is not None:
-                history.update(x)
-        if out is not None:
-            return out
+            # x after its history (zeros before the video starts), which is kept for next time.
+            history = cache.of(self, keep) if cache is not None else ConvHistory(keep)
+            x = history.prepend(x)
+            history.update(x)
         if self.ph or self.pw:
             x = mx.pad(x, [(0, 0), (0, 0), (self.ph, self.ph), (self.pw, self.pw), (0, 0)])
         return _conv(x, self.weight) + self.bias
@@ -329,6 +317,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
+        self.act = nn.SiLU()
         self.norm1 = RMSNorm(in_dim)
         self.conv1 = CausalConv3d(in_dim, out_dim, 3)
         self.norm2 = RMSNorm(out_dim)
@@ -338,8 +327,8 @@ class ResidualBlock(nn.Module):
 
     def __call__(self, x: mx.array, cache: ConvHistories, first: bool = False) -> mx.array:
         h = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        x = self.conv1(silu(self.norm1(x), fresh=True), cache)
-        x = self.conv2(silu(self.norm2(x), fresh=True), cache)
+        x = self.conv1(self.act(self.norm1(x)), cache)
+        x = self.conv2(self.act(self.norm2(x)), cache)
         return x + h
 
 
@@ -353,6 +342,7 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
         # Wan zero-inits the output projection: a fresh block starts as the identity.
         self.proj.weight = mx.zeros_like(self.proj.weight)
+        self.attend = ScaledDotProductAttention()
 
     def __call__(
         self, x: mx.array, cache: ConvHistories | None = None, first: bool = False
@@ -367,7 +357,7 @@ class AttentionBlock(nn.Module):
         # stays bounded.
         step = max(1, _ATTN_SCORE_BUDGET // (length * length))
         outs = [
-            attention(q[i : i + step], k[i : i + step], v[i : i + step], c**-0.5)
+            self.attend(q[i : i + step], k[i : i + step], v[i : i + step], c**-0.5)
             for i in range(0, n, step)
         ]
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
@@ -414,11 +404,6 @@ class Resample(nn.Module):
     def _spatial(self, x: mx.array) -> mx.array:
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
-            # Upsampling read in place by the CPU kernels' direct convolution, when they run.
-            w = conv.weight[:, None]
-            fast = cpu_kernels.conv3d(x, w, conv.bias, padding=(1, 1), upsample=2)
-            if fast is not None:
-                return fast
             pads = [(0, 0), (1, 1), (1, 1), (0, 0)]
             return _frames_apply(
                 x, lambda f: _conv(mx.pad(_upsample_nearest2x(f), pads), conv.weight) + conv.bias
@@ -578,6 +563,7 @@ class Encoder(nn.Module):
         self.down_blocks = blocks
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
+        self.act = nn.SiLU()
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3)
 
     def __call__(self, x: mx.array, cache: ConvHistories, first: bool) -> mx.array:
@@ -585,7 +571,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache, first)
         x = self.mid_block(x, cache)
-        return self.conv_out(silu(self.norm_out(x), fresh=True), cache)
+        return self.conv_out(self.act(self.norm_out(x)), cache)
 
 
 class Decoder(nn.Module):
@@ -610,6 +596,7 @@ class Decoder(nn.Module):
             blocks.append(UpBlock(din, dout, n, mode))
         self.up_blocks = blocks
         self.norm_out = RMSNorm(dims[-1])
+        self.act = nn.SiLU()
         self.conv_out = CausalConv3d(dims[-1], cfg.io_channels, 3)
 
     def __call__(self, x: mx.array, cache: ConvHistories, first: bool) -> mx.array:
@@ -617,7 +604,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, first)
-        return self.conv_out(silu(self.norm_out(x), fresh=True), cache)
+        return self.conv_out(self.act(self.norm_out(x)), cache)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,7 +169,9 @@ def test_cli_full_and_lora_training_of_a_float16_folder(tmp_path):
     assert code == 0, err
     assert folder_dtypes(tmp_path / "pal" / "model") == before
     params = flat(load_model(tmp_path / "pal" / "model").dit.parameters())
-    assert all(len(np.unique(params[n])) <= 8 for n in palette_targets(trained))
+    # Counted in float32: numpy's vectorised float16 sort (AVX-512 CPUs) can leave np.unique
+    # with repeated values.
+    assert all(len(np.unique(params[n].astype(np.float32))) <= 8 for n in palette_targets(trained))
 
     lora = ["--lora", "--rank", "2", "--layers", "self_attn.q,ffn.*"]
     code, _, err = run_main(cli.main, [*common, *lora, "--out", str(tmp_path / "lora")])

@@ -342,12 +342,13 @@ def layout_search_table(r: dict) -> list[str]:
         f"- latency model vs measured whole-model streaming call: worst relative error "
         f"{_pct(r['latency_worst_relative_error'])}",
         "",
-        "| latency budget | DP's pick | its loss | best that fits | gap / loss range |",
+        "| latency budget (cheapest -> dearest) | DP's pick | its loss | best that fits | "
+        "gap / loss range |",
         "|---|---|---|---|---|",
     ]
     for b in r["budgets"]:
         lines.append(
-            f"| {b['budget_fraction']:.2f}x | {'/'.join(b['dp_layers'])} | "
+            f"| {b['budget_fraction']:.2f} | {'/'.join(b['dp_layers'])} | "
             f"{b['dp_measured']:.4f} | {b['best_measured']:.4f} | {_pct(b['gap_over_range'])} |"
         )
     return lines

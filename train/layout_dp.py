@@ -100,7 +100,7 @@ def _totals(problem: LayoutProblem, picks: list[int]) -> LayoutChoice:
     )
 
 
-def solve(problem: LayoutProblem, resolution: int = 200) -> LayoutChoice:
+def solve(problem: LayoutProblem, resolution: int = 2000) -> LayoutChoice:
     """The layout of least penalty within the budgets (quantised to `resolution` units each)."""
     problem.validate()
     layers, kinds = problem.penalty.shape
@@ -160,7 +160,7 @@ def solve(problem: LayoutProblem, resolution: int = 200) -> LayoutChoice:
     return _totals(problem, picks[::-1])
 
 
-def exhaustive(problem: LayoutProblem, resolution: int = 200) -> LayoutChoice | None:
+def exhaustive(problem: LayoutProblem, resolution: int = 2000) -> LayoutChoice | None:
     """Every layout tried (for tests and small searches), with the same quantised budgets."""
     problem.validate()
     layers, kinds = problem.penalty.shape

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--held-out", type=int, default=4, help="cache samples kept out for the loss (default 4)"
     )
     p.add_argument(
-        "--resolution", type=int, default=200, help="budget quantisation steps (default 200)"
+        "--resolution", type=int, default=2000, help="budget quantisation steps (default 2000)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

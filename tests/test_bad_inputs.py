@@ -455,7 +455,13 @@ def test_ctrl_c_during_generate_exits_130_and_leaves_nothing(world, tmp_path, na
     argv = [*_s2dit(), "generate", "a red circle", "--model", world["model"]]
     argv += ["-o", str(tmp_path / name), "--frames", "401", "--steps", "50", *extra]
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        # As from a terminal: a suite started in the background (`cmd &`) inherits SIGINT
+        # ignored, and an ignored SIGINT is rightly left ignored by Python and ffmpeg.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     watchdog = threading.Timer(120, proc.kill)  # never hang the suite
     watchdog.start()

@@ -385,6 +385,18 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return None if failed else out.reshape(*x.shape[:-1], n)
 
 
+def _conv3d_geometry(
+    x: mx.array, weight: mx.array, causal: bool, padding: tuple[int, int], upsample: int
+) -> tuple[int, int, int, int]:
+    """(output frames, height, width, multiply-adds) of conv3d()."""
+    b, t, h, w, c = x.shape
+    o, kt, kh, kw, _ = weight.shape
+    ph, pw = padding
+    ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
+    t_out = t if causal else t - kt + 1
+    return t_out, ho, wo, b * t_out * ho * wo * o * kt * kh * kw * c
+
+
 def conv3d_applies(
     x: mx.array,
     weight: mx.array,
@@ -409,9 +421,7 @@ def conv3d_applies(
         or (causal and history is not None and tuple(history.shape) != (b, kt - 1, h, w, c))
     ):
         return False
-    ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
-    t_out = t if causal else t - kt + 1
-    macs = b * t_out * ho * wo * o * kt * kh * kw * c
+    t_out, ho, wo, macs = _conv3d_geometry(x, weight, causal, padding, upsample)
     # Even a 3-channel output conv is faster here than as 27 three-column products.
     return min(t_out, ho, wo) >= 1 and _gemm_operands_ok(macs, x, weight, bias, history)
 
@@ -439,9 +449,7 @@ def conv3d(
     b, t, h, w, c = x.shape
     o, kt, kh, kw, _ = weight.shape
     ph, pw = padding
-    ho, wo = h * upsample + 2 * ph - kh + 1, w * upsample + 2 * pw - kw + 1
-    t_out = t if causal else t - kt + 1
-    macs = b * t_out * ho * wo * o * kt * kh * kw * c
+    t_out, ho, wo, macs = _conv3d_geometry(x, weight, causal, padding, upsample)
     xs, wts = _read_buffer(x), _read_buffer(weight)
     bias_view = None if bias is None else _read_buffer(bias)
     hist = None if history is None or not causal else _read_buffer(history)

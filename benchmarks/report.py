@@ -307,6 +307,24 @@ def decode_overlap_table(r: dict) -> list[str]:
     ]
 
 
+def compiled_step_table(r: dict) -> list[str]:
+    lines = [
+        f"**Compiled per-chunk step** streaming, each chunk's denoising passes op by op or as one "
+        f"compiled MLX graph, in turns, {r['sampler']}, CPU kernels {r['cpu_kernels']} "
+        "(`benchmarks/compiled_step.py`; medians from chunk 3)",
+        "",
+        "| model | latents | eager ms / chunk | compiled ms / chunk | compiled / eager | max diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in r["cases"].items():
+        m, (h, w) = c["median_seconds"], c["latent_hw"]
+        lines.append(
+            f"| {name} | {h}x{w} | {1e3 * m['eager']:.1f} | {1e3 * m['compiled']:.1f} | "
+            f"{c['compiled_over_eager']:.2f}x | {c['max_abs_difference']:.1e} |"
+        )
+    return lines
+
+
 def distill_table(r: dict) -> list[str]:
     lines = [
         f"**Distillation** the built-in model as teacher and its students, one run, models in "
@@ -364,6 +382,7 @@ RENDERERS = {
     "resources": resources_table,
     "contention": contention_table,
     "decode_overlap": decode_overlap_table,
+    "compiled_step": compiled_step_table,
     "distill": distill_table,
     "layout_search": layout_search_table,
 }
@@ -521,6 +540,16 @@ def decode_overlap_summary(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+def compiled_step_summary(r: dict) -> list[tuple[str, str]]:
+    parts = [f"{c['compiled_over_eager']:.2f}x {name}" for name, c in r["cases"].items()]
+    return [
+        (
+            "per-chunk step compiled / op by op (`compiled_step.py`)",
+            f"{', '.join(parts)} the time per chunk (off by default)",
+        )
+    ]
+
+
 def distill_summary(r: dict) -> list[tuple[str, str]]:
     models = r["models"]
     teacher = models.get("teacher")
@@ -561,6 +590,7 @@ SUMMARIES = {
     "resources": resources_summary,
     "contention": contention_summary,
     "decode_overlap": decode_overlap_summary,
+    "compiled_step": compiled_step_summary,
     "distill": distill_summary,
     "layout_search": layout_search_summary,
 }

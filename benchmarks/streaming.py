@@ -31,6 +31,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 import mlx.core as mx
 import numpy as np
 
+from s2dit_mlx import kernels
 from s2dit_mlx.attention import attention_kind
 from s2dit_mlx.cache import Cache, ChunkSchedule, StreamCache
 from s2dit_mlx.generation import Sampler, SeededNoise, stream
@@ -97,6 +98,13 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs=2, default=[60, 104], help="latent h w")
     parser.add_argument("--layers", default="lcha,ssa,full,lcha")
     parser.add_argument("--small", action="store_true", help="a small model (a quick check)")
+    parser.add_argument(
+        "--kernels",
+        choices=("on", "off"),
+        default="off",
+        help="the CPU fast path (s2dit_mlx.kernels) for both sides: off, plain MLX (default), "
+        "or on, as `s2dit generate` runs on a CPU",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "streaming.json"))
     opts = parser.parse_args()
 
@@ -113,6 +121,8 @@ def main() -> None:
     mx.random.seed(0)
     model = S2DiT(args)
     mx.eval(model.parameters())
+    if opts.kernels == "on":
+        kernels.enable_on_cpu(model)
     context = mx.random.normal((1, args.text_len, args.text_dim))
     sampler = Sampler("few-step", steps=4, shift=5.0)
     frames = opts.frames_per_chunk * opts.chunks
@@ -160,6 +170,7 @@ def main() -> None:
         "model": args.to_dict(),
         "latent_hw": opts.latent,
         "chunks": opts.chunks,
+        "cpu_kernels": opts.kernels,
         "sampler": "few-step, 4 steps + 1 writing pass per chunk",
         "summary": summary,
         "time_now_over_before": summary["now"]["median_seconds"]

@@ -239,8 +239,15 @@ class _Velocity:
 
     def __call__(self, x, t: float, cache=None, neg_cache=None) -> mx.array:
         guidance = _guidance_at(self.model, t, self.sampler.guidance, self.per_expert)
+        return self.at(x, self.t_vector(t), guidance, cache, neg_cache)
+
+    def t_vector(self, t: float) -> mx.array:
+        """t for every sample of a (possibly doubled) batch."""
+        return mx.full((self.copies * self.batch,), t, dtype=mx.float32)
+
+    def at(self, x, t_vec: mx.array, guidance: float, cache=None, neg_cache=None) -> mx.array:
+        """The guided velocity at the model timesteps `t_vec` (an array: traceable)."""
         kwargs = {} if cache is None else {"cache": cache}
-        t_vec = mx.full((self.copies * self.batch,), t, dtype=mx.float32)
         v = self.model(self.stacked(x), t_vec, self.context, **kwargs)
         if not self.use_cfg:
             return v
@@ -248,7 +255,7 @@ class _Velocity:
             v, v_neg = v[: self.batch], v[self.batch :]
         else:
             neg_kwargs = {} if neg_cache is None else {"cache": neg_cache}
-            v_neg = self.model(x, t_vec, self.neg_context, **neg_kwargs)
+            v_neg = self.model(x, t_vec[: self.batch], self.neg_context, **neg_kwargs)
         return sampling.cfg(v, v_neg, guidance)
 
     def write(self, x0: mx.array, cache, neg_cache) -> None:
@@ -257,6 +264,46 @@ class _Velocity:
         self.model(self.stacked(x0), zero, self.context, cache=cache, update_cache=True)
         if neg_cache is not None:
             self.model(x0, zero[: self.batch], self.neg_context, cache=neg_cache, update_cache=True)
+
+
+class _CompiledChunk:
+    """A chunk's denoising passes as one compiled MLX graph (`stream(..., compile=True)`).
+
+    The caches are inputs and outputs of the graph (a denoising pass writes its keys into a
+    scratch slot), and t is an array, so the chunk's passes share one trace. The trace is made
+    afresh for every chunk: the frame offset (RoPE), the ring slots and the mask are Python
+    values of the chunk that the trace holds as constants.
+    """
+
+    def __init__(self, velocity: _Velocity, caches: list):
+        self.velocity = velocity
+        self.layers = [layer for cache in caches for layer in cache.layers]
+        self.caches = caches
+        self.fn = None
+
+    def _pass(self, x, t_vec, states, guidance):
+        for layer, state in zip(self.layers, states, strict=True):
+            layer.state = state
+        v = self.velocity.at(x, t_vec, guidance, *self.caches)
+        return v, [layer.state for layer in self.layers]
+
+    def __call__(self, x, t: float, *caches) -> mx.array:
+        # `caches`: the velocity's signature; the traced graph holds its own (self.caches).
+        if self.fn is None:
+            self.fn = mx.compile(self._pass)
+        guidance = self.velocity.sampler.guidance
+        states = [layer.state for layer in self.layers]
+        v, states = self.fn(x, self.velocity.t_vector(t), states, guidance)
+        for layer, state in zip(self.layers, states, strict=True):
+            layer.state = state
+        return v
+
+
+def _compilable(model, velocity: _Velocity) -> bool:
+    """Whether a chunk's passes can be one MLX graph: a single DiT and no eager CPU kernels."""
+    from . import kernels
+
+    return not hasattr(model, "select") and not kernels.enabled_kinds(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,11 +434,15 @@ def stream(
     per_expert_guidance: bool = False,
     dtype: mx.Dtype = mx.float32,
     on_step: Callable[[StepInfo], None] | None = None,
+    compile: bool = False,
 ) -> Iterator[ChunkResult]:
     """Generate clean latent chunks until `num_frames` latent frames exist, one chunk at a time.
 
     `state` continues an earlier stream (its caches, noise and position); without it a fresh
     one is made from `noise`. After each yield `state` is consistent and can be saved.
+    `compile`: run each chunk's denoising passes as one compiled MLX graph (from this call's
+    second chunk on, once the text side is cached; single-DiT models without CPU kernels only,
+    else ignored).
     """
     sampler.validate(streaming=True)
     args = model.args
@@ -405,16 +456,20 @@ def stream(
     height, width = latent_size
     batch = context.shape[0]
     timesteps = sampler.timesteps() if sampler.name == FEW_STEP else None
+    warm = False  # whether the caches hold this call's text side (computed by its first pass)
     while state.frames < num_frames:
         start = time.perf_counter()
         frames = min(args.frames_per_chunk, num_frames - state.frames)
         shape = (batch, frames, height, width, args.in_dim)
         x = state.noise.draw(shape).astype(dtype)
         cache, neg_cache = state.cache, state.neg_cache
+        step = velocity
+        if compile and warm and _compilable(model, velocity):
+            step = _CompiledChunk(velocity, [c for c in (cache, neg_cache) if c is not None])
         if timesteps is None:
             solver = sampler.solver()
             for i, t in enumerate(solver.timesteps):
-                v = velocity(x, float(t), cache, neg_cache)
+                v = step(x, float(t), cache, neg_cache)
                 x_t = x
                 x = solver.step(v, x).astype(dtype)
                 mx.eval(x)
@@ -424,7 +479,7 @@ def stream(
             x0 = x
         else:
             for i, t in enumerate(timesteps):
-                v = velocity(x, t, cache, neg_cache)
+                v = step(x, t, cache, neg_cache)
                 x0 = (x.astype(mx.float32) - (t / 1000.0) * v.astype(mx.float32)).astype(dtype)
                 x_t = x
                 if i + 1 < len(timesteps):
@@ -445,4 +500,5 @@ def stream(
         )
         state.chunk += 1
         state.frames += frames
+        warm = True
         yield result

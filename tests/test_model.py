@@ -336,3 +336,64 @@ def test_args_round_trip():
     args = ModelArgs(dim=48, num_heads=4, layers=["ssa", "lcha"], window=3, sink=1)
     again = ModelArgs.from_dict(args.to_dict())
     assert again == args
+
+
+@pytest.mark.parametrize(
+    "layers, window, sink, sampler, neg_len",
+    [
+        (["lcha", "ssa", "full"], 2, 1, Sampler("few-step", steps=3, shift=3.0), None),
+        (["full", "lcha"], 3, 0, Sampler("euler", steps=3, shift=2.0, guidance=3.0), 3),
+        (["ssa", "lcha"], 2, 1, Sampler("few-step", steps=2, shift=2.0, guidance=2.0), 4),
+        (["lcha", "full"], None, 0, Sampler("euler", steps=2, shift=2.0), None),
+    ],
+)
+def test_compiled_chunk_step_equals_eager(monkeypatch, layers, window, sink, sampler, neg_len):
+    """stream(compile=True): one traced graph per chunk from the second on, the same latents."""
+    model = tiny_model(layers, window=window, sink=sink, chunk=2)
+    rng = np.random.default_rng(8)
+    ctx = mx.array(rng.standard_normal((1, 3, 8)).astype(np.float32))
+    neg = None
+    if neg_len is not None:  # 3: stacked with the prompt in one batch; 4: a second cache
+        neg = mx.array(rng.standard_normal((1, neg_len, 8)).astype(np.float32))
+    eager = stream_latents(model, ctx, 9, sampler, seed=4, neg=neg)
+    traces = []
+    trace = generation._CompiledChunk._pass
+    monkeypatch.setattr(
+        generation._CompiledChunk, "_pass", lambda self, *a: traces.append(1) or trace(self, *a)
+    )
+    chunks = generation.stream(
+        model, ctx, 9, (4, 4), sampler, noise=SeededNoise(4), neg_context=neg, compile=True
+    )
+    compiled = [np.array(c.latents) for c in chunks]
+    # Chunk 1 fills the text side eagerly; unbounded caches grow, and a pass that grows them
+    # changes the state's shapes: the next pass is traced again.
+    assert len(compiled) == 5
+    assert len(traces) == 4 if window else 4 <= len(traces) <= 8
+    for g, w in zip(compiled, eager, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
+
+
+def test_compiled_step_resumes_a_saved_stream_and_skips_eager_kernels(tmp_path):
+    """A restored stream (no text side cached yet) compiles from its second chunk; a model
+    holding eager CPU kernels is never traced."""
+    from s2dit_mlx import kernels
+
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    ctx = mx.array(np.random.default_rng(9).standard_normal((1, 3, 8)).astype(np.float32))
+    whole = stream_latents(model, ctx, 11, FEW_STEP_4, seed=5)
+    state = generation.new_stream_state(model, SeededNoise(5), False, ctx, None)
+    first = generation.stream(model, ctx, 11, (4, 4), FEW_STEP_4, state=state, compile=True)
+    head = [np.array(next(first).latents) for _ in range(3)]
+    state.save(tmp_path / "stream.safetensors")
+    restored = generation.StreamState.load(tmp_path / "stream.safetensors")
+    rest = generation.stream(model, ctx, 11, (4, 4), FEW_STEP_4, state=restored, compile=True)
+    got = head + [np.array(c.latents) for c in rest]
+    for g, w in zip(got, whole, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max())
+    velocity = generation._Velocity(model, ctx, None, FEW_STEP_4, False)
+    assert generation._compilable(model, velocity)
+    try:
+        assert kernels.enable(model) > 0
+        assert not generation._compilable(model, velocity)
+    finally:
+        kernels.disable(model)

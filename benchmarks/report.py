@@ -307,6 +307,26 @@ def decode_overlap_table(r: dict) -> list[str]:
     ]
 
 
+def streaming_vs_release_table(r: dict) -> list[str]:
+    m, now, before = r["model"], r["summary"]["now"], r["summary"]["before"]
+    commit = (r["before"]["commit"] or "?")[:7]
+    return [
+        f"**Streaming, this version vs the one before the architecture work** (commit {commit}), "
+        f"each in its own process as its users run it, in lock step: {r['chunks']} chunks of "
+        f"{r['latent_hw'][0]}x{r['latent_hw'][1]} latents, dim {m['dim']}, layers "
+        f"{'/'.join(m['layers'])}, window {m['window']}, sink {m['sink']}, {r['sampler']} "
+        "(`benchmarks/streaming_vs_release.py`; medians from chunk 4; last chunk equal to "
+        f"{r['max_abs_difference_last_chunk']:.0e})",
+        "",
+        "| version | seconds per chunk | peak MB |",
+        "|---|---|---|",
+        f"| now | {now['median_seconds']:.2f} | {now['median_peak_mb']:.0f} |",
+        f"| before | {before['median_seconds']:.2f} | {before['median_peak_mb']:.0f} |",
+        "",
+        f"now / before: {r['time_now_over_before']:.2f}x the time per chunk",
+    ]
+
+
 def compiled_step_table(r: dict) -> list[str]:
     lines = [
         f"**Compiled per-chunk step** streaming, each chunk's denoising passes op by op or as one "
@@ -376,6 +396,7 @@ RENDERERS = {
     "gemm": gemm_table,
     "attention": attention_table,
     "streaming": streaming_table,
+    "streaming_vs_release": streaming_vs_release_table,
     "quality": quality_table,
     "coreml": coreml_table,
     "wan_vs_torch": wan_vs_torch_table,
@@ -430,6 +451,16 @@ def streaming_summary(r: dict) -> list[tuple[str, str]]:
             f"streaming {r['chunks']} chunks, preallocated caches vs concatenating (`streaming.py`)",
             f"{r['time_now_over_before']:.2f}x the time per chunk; peak memory within "
             f"{100 * now['peak_spread_from_chunk4']:.1f}% from chunk 4 on",
+        )
+    ]
+
+
+def streaming_vs_release_summary(r: dict) -> list[tuple[str, str]]:
+    return [
+        (
+            "streaming at Wan-1.3B width, this version vs before the architecture work "
+            "(`streaming_vs_release.py`)",
+            f"{r['time_now_over_before']:.2f}x the time per chunk",
         )
     ]
 
@@ -583,6 +614,7 @@ def layout_search_summary(r: dict) -> list[tuple[str, str]]:
 SUMMARIES = {
     "quality": quality_summary,
     "streaming": streaming_summary,
+    "streaming_vs_release": streaming_vs_release_summary,
     "attention": attention_summary,
     "wan_vs_torch": wan_vs_torch_summary,
     "coreml": coreml_summary,

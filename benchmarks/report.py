@@ -585,8 +585,10 @@ def distill_summary(r: dict) -> list[tuple[str, str]]:
     models = r["models"]
     teacher = models.get("teacher")
     rows = []
+    # The distilled students (DMD, "ar-N") are the headline; the other rows are in the table.
+    shown = [n for n in models if n.startswith("ar-")] or [n for n in models if n != "teacher"]
     for name, m in models.items():
-        if name == "teacher" or teacher is None:
+        if name not in shown or teacher is None:
             continue
         speed = m["streaming_frames_per_s"] / teacher["streaming_frames_per_s"]
         rows.append(

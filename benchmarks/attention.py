@@ -8,7 +8,6 @@ and the peak memory of untiled softmax attention (what query tiling saves).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
 import mlx.core as mx
+from results_io import write_result
 
 from s2dit_mlx.attention import TokenLayout, attention_kind
 from s2dit_mlx.info import gemm_gflops
@@ -91,11 +91,7 @@ def main() -> None:
         "mlx": mx.__version__,
         "rows": rows,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
 
     print(f"\nfp32 GEMM: {gemm:.0f} GFLOP/s")
     print(

@@ -17,7 +17,6 @@ compiled, ...) so a slow spell of the machine lands on both; the CPU kernels are
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -29,6 +28,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 # isort: split
 import mlx.core as mx
 import numpy as np
+from results_io import write_result
 
 from s2dit_mlx.generation import Sampler, SeededNoise, stream
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_dit
@@ -129,11 +129,7 @@ def main() -> None:
         "machine": {"platform": platform.platform()},
         "mlx": mx.__version__,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_result
+
 HERE = Path(__file__).parent
 PROMPT = "a red circle moving left on a black background"
 THREAD_VARS = (
@@ -217,11 +219,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     if opts.out is not None:
-        out = Path(opts.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        write_result(opts.out, result)
     for res in results:
         for n, row in res["settings"].items():
             print(

@@ -33,6 +33,8 @@ from s2dit_mlx import setup_blas
 setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
+from results_io import write_result
+
 from s2dit_mlx import kernels
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.world.evaluate import coherence, evaluate, object_track, summarise
@@ -176,11 +178,7 @@ def main() -> None:
         "models": table,
         "machine": {"platform": platform.platform()},
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
     print(json.dumps(table, indent=2))
 
 

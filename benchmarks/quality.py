@@ -23,6 +23,8 @@ from s2dit_mlx import setup_blas
 setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
+from results_io import write_result
+
 from s2dit_mlx import kernels
 from s2dit_mlx.loading import DEFAULT_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
@@ -129,11 +131,7 @@ def main() -> None:
         "clips": reports,
         "long_clips": long_runs,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
     print(
         json.dumps({k: v for k, v in result.items() if k not in ("clips", "long_clips")}, indent=2)
     )

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import write_result
+
 HERE = Path(__file__).parent
 
 CHILD = r"""
@@ -181,12 +183,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"all within 25%: {result['all_within_25']}; wrote {out}")
+    write_result(opts.out, result)
+    print(f"all within 25%: {result['all_within_25']}; wrote {opts.out}")
 
 
 if __name__ == "__main__":

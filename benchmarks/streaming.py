@@ -18,7 +18,6 @@ Both give the same latents (checked). Memory: mx.get_peak_memory() per chunk.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -30,6 +29,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 # isort: split
 import mlx.core as mx
 import numpy as np
+from results_io import write_result
 
 from s2dit_mlx import kernels
 from s2dit_mlx.attention import attention_kind
@@ -180,11 +180,7 @@ def main() -> None:
         "mlx": mx.__version__,
         "rows": rows,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
     print(
         f"median seconds per chunk (chunks 4-{opts.chunks}): now {summary['now']['median_seconds']:.2f}, "
         f"before {summary['before']['median_seconds']:.2f} ({result['time_now_over_before']:.2f}x); "

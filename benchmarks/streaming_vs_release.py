@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in each side's process, against that side's checkout (sys.argv[1]); reads "go" per chunk.
@@ -170,11 +172,7 @@ def main() -> None:
         "mlx": mx.__version__,
         "rows": rows,
     }
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_result(opts.out, result)
     print(
         f"median seconds per chunk (chunks 4-{opts.chunks}): now {summary['now']['median_seconds']:.2f}, "
         f"before {summary['before']['median_seconds']:.2f} ({result['time_now_over_before']:.2f}x); "

@@ -299,7 +299,7 @@ class _CompiledChunk:
         return v
 
 
-def _compilable(model, velocity: _Velocity) -> bool:
+def _compilable(model) -> bool:
     """Whether a chunk's passes can be one MLX graph: a single DiT and no eager CPU kernels."""
     from . import kernels
 
@@ -464,7 +464,7 @@ def stream(
         x = state.noise.draw(shape).astype(dtype)
         cache, neg_cache = state.cache, state.neg_cache
         step = velocity
-        if compile and warm and _compilable(model, velocity):
+        if compile and warm and _compilable(model):
             step = _CompiledChunk(velocity, [c for c in (cache, neg_cache) if c is not None])
         if timesteps is None:
             solver = sampler.solver()

@@ -300,10 +300,11 @@ class _CompiledChunk:
 
 
 def _compilable(model) -> bool:
-    """Whether a chunk's passes can be one MLX graph: a single DiT and no eager CPU kernels."""
-    from . import kernels
-
-    return not hasattr(model, "select") and not kernels.enabled_kinds(model)
+    """Whether a chunk's passes can be one MLX graph: a single DiT, no module that computes
+    eagerly (the opt-in CPU kernels evaluate their inputs, which a trace cannot)."""
+    if hasattr(model, "select"):
+        return False
+    return not any(getattr(m, "computes_eagerly", False) for _, m in model.named_modules())
 
 
 # ----------------------------------------------------------------------------------------------

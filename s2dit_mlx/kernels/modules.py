@@ -19,6 +19,8 @@ from . import choice, cpu
 class KernelLinear(nn.Linear):
     """nn.Linear, its product on the kernels' GEMM ("linear")."""
 
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
+
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
         if cpu.linear_applies(x, self.weight, bias) and choice.use("linear"):
@@ -31,6 +33,8 @@ class KernelLinear(nn.Linear):
 class KernelSiLU(nn.SiLU):
     """nn.SiLU on the vectorised kernel ("silu")."""
 
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
+
     def __call__(self, x: mx.array) -> mx.array:
         if cpu.elementwise_applies(x) and choice.use("silu"):
             out = cpu.silu(x)
@@ -41,6 +45,8 @@ class KernelSiLU(nn.SiLU):
 
 class KernelGeluTanh(layers.GeluTanh):
     """layers.GeluTanh on the vectorised kernel ("gelu_tanh")."""
+
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu.elementwise_applies(x) and choice.use("gelu_tanh"):
@@ -53,6 +59,8 @@ class KernelGeluTanh(layers.GeluTanh):
 class KernelAttention(layers.ScaledDotProductAttention):
     """Unmasked softmax attention fused on the kernels' GEMM ("attention"), else with the
     softmax kernel between MLX's products ("softmax")."""
+
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(
         self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None
@@ -73,6 +81,8 @@ class KernelCausalConv3d(wan_vae.CausalConv3d):
     """The Wan VAE's causal conv as a direct convolution ("conv3d") that reads the conv's
     history and zero padding in place (nothing concatenated, padded or unfolded)."""
 
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
+
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         keep = self.kt - 1
         # (A chunk shorter than the history falls back: the kernel keeps no history itself.)
@@ -92,6 +102,8 @@ class KernelCausalConv3d(wan_vae.CausalConv3d):
 class KernelResample(wan_vae.Resample):
     """Wan's 2x upsampling + 3x3 conv as one direct convolution that reads the frames before
     upsampling ("conv3d"); downsampling is the base class's."""
+
+    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def _spatial(self, x: mx.array) -> mx.array:
         if self.mode.startswith("upsample"):

@@ -279,7 +279,7 @@ class _CompiledChunk:
         self.velocity = velocity
         self.layers = [layer for cache in caches for layer in cache.layers]
         self.caches = caches
-        self.fn = None
+        self.fn = mx.compile(self._pass)
 
     def _pass(self, x, t_vec, states, guidance):
         for layer, state in zip(self.layers, states, strict=True):
@@ -289,8 +289,6 @@ class _CompiledChunk:
 
     def __call__(self, x, t: float, *caches) -> mx.array:
         # `caches`: the velocity's signature; the traced graph holds its own (self.caches).
-        if self.fn is None:
-            self.fn = mx.compile(self._pass)
         guidance = self.velocity.sampler.guidance
         states = [layer.state for layer in self.layers]
         v, states = self.fn(x, self.velocity.t_vector(t), states, guidance)

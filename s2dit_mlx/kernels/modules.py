@@ -16,10 +16,15 @@ from ..models import layers, wan_vae
 from . import choice, cpu
 
 
-class KernelLinear(nn.Linear):
-    """nn.Linear, its product on the kernels' GEMM ("linear")."""
+class _Eager:
+    """Marks a kernel-backed module: it evaluates its input, so a traced graph cannot hold it
+    (s2dit_mlx.generation reads `computes_eagerly`)."""
 
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
+    computes_eagerly = True
+
+
+class KernelLinear(_Eager, nn.Linear):
+    """nn.Linear, its product on the kernels' GEMM ("linear")."""
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
@@ -30,10 +35,8 @@ class KernelLinear(nn.Linear):
         return super().__call__(x)
 
 
-class KernelSiLU(nn.SiLU):
+class KernelSiLU(_Eager, nn.SiLU):
     """nn.SiLU on the vectorised kernel ("silu")."""
-
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu.elementwise_applies(x) and choice.use("silu"):
@@ -43,10 +46,8 @@ class KernelSiLU(nn.SiLU):
         return super().__call__(x)
 
 
-class KernelGeluTanh(layers.GeluTanh):
+class KernelGeluTanh(_Eager, layers.GeluTanh):
     """layers.GeluTanh on the vectorised kernel ("gelu_tanh")."""
-
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(self, x: mx.array) -> mx.array:
         if cpu.elementwise_applies(x) and choice.use("gelu_tanh"):
@@ -56,11 +57,9 @@ class KernelGeluTanh(layers.GeluTanh):
         return super().__call__(x)
 
 
-class KernelAttention(layers.ScaledDotProductAttention):
+class KernelAttention(_Eager, layers.ScaledDotProductAttention):
     """Unmasked softmax attention fused on the kernels' GEMM ("attention"), else with the
     softmax kernel between MLX's products ("softmax")."""
-
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(
         self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None
@@ -77,11 +76,9 @@ class KernelAttention(layers.ScaledDotProductAttention):
         return super().__call__(q, k, v, scale, mask)
 
 
-class KernelCausalConv3d(wan_vae.CausalConv3d):
+class KernelCausalConv3d(_Eager, wan_vae.CausalConv3d):
     """The Wan VAE's causal conv as a direct convolution ("conv3d") that reads the conv's
     history and zero padding in place (nothing concatenated, padded or unfolded)."""
-
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         keep = self.kt - 1
@@ -99,11 +96,9 @@ class KernelCausalConv3d(wan_vae.CausalConv3d):
         return super().__call__(x, cache)
 
 
-class KernelResample(wan_vae.Resample):
+class KernelResample(_Eager, wan_vae.Resample):
     """Wan's 2x upsampling + 3x3 conv as one direct convolution that reads the frames before
     upsampling ("conv3d"); downsampling is the base class's."""
-
-    computes_eagerly = True  # evaluates its input: a traced graph cannot hold it
 
     def _spatial(self, x: mx.array) -> mx.array:
         if self.mode.startswith("upsample"):

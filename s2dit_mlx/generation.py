@@ -109,7 +109,8 @@ class Sampler:
         return [float(t) for t in self.solver().timesteps]
 
     def passes_per_chunk(self) -> int:
-        """Model passes per streamed chunk: one per step (two with guidance) plus the write."""
+        """Model passes per streamed chunk: one per step (two with guidance) plus the write
+        (deferred to the next chunk, so a stream's last chunk makes one fewer)."""
         return self.steps * (2 if self.guided else 1) + 1
 
 
@@ -360,11 +361,15 @@ class StreamState:
     noise: NoiseSource
     chunk: int = 0  # chunks generated so far
     frames: int = 0  # latent frames generated so far
+    # The last chunk's clean latents, not yet written into the caches: its clean pass runs when
+    # the next chunk is asked for, so a stream's final chunk costs no write pass.
+    pending: mx.array | None = None
 
     def arrays(self) -> list[mx.array]:
         """Every array held (for mx.eval)."""
         neg = self.neg_cache.arrays() if self.neg_cache is not None else []
-        return self.cache.arrays() + neg + list(self.noise.state.values())
+        pending = [self.pending] if self.pending is not None else []
+        return self.cache.arrays() + neg + list(self.noise.state.values()) + pending
 
     def nbytes(self) -> int:
         """Bytes of the caches."""
@@ -373,15 +378,19 @@ class StreamState:
     def copy(self) -> StreamState:
         """An independent state (branch a stream: both continue from here)."""
         neg = self.neg_cache.copy() if self.neg_cache is not None else None
-        return StreamState(self.cache.copy(), neg, self.noise.copy(), self.chunk, self.frames)
+        return StreamState(
+            self.cache.copy(), neg, self.noise.copy(), self.chunk, self.frames, self.pending
+        )
 
     def save(self, path) -> None:
         """Write the state to one safetensors file (atomically)."""
         caches = {"cache": self.cache}
         if self.neg_cache is not None:
             caches["neg_cache"] = self.neg_cache
-        noise = {f"noise.{k}": v for k, v in self.noise.state.items()}
-        save_cache(path, caches, noise, {"chunk": self.chunk, "frames": self.frames})
+        arrays = {f"noise.{k}": v for k, v in self.noise.state.items()}
+        if self.pending is not None:
+            arrays["pending"] = self.pending
+        save_cache(path, caches, arrays, {"chunk": self.chunk, "frames": self.frames})
 
     @classmethod
     def load(cls, path, noise: NoiseSource | None = None) -> StreamState:
@@ -397,6 +406,7 @@ class StreamState:
             noise,
             int(extra["chunk"]),
             int(extra["frames"]),
+            arrays.get("pending"),  # absent in states saved before the write was deferred
         )
 
 
@@ -460,8 +470,11 @@ def stream(
         start = time.perf_counter()
         frames = min(args.frames_per_chunk, num_frames - state.frames)
         shape = (batch, frames, height, width, args.in_dim)
-        x = state.noise.draw(shape).astype(dtype)
         cache, neg_cache = state.cache, state.neg_cache
+        if state.pending is not None:  # the previous chunk's clean pass, deferred until needed
+            velocity.write(state.pending.astype(dtype), cache, neg_cache)
+            state.pending = None
+        x = state.noise.draw(shape).astype(dtype)
         step = velocity
         if compile and warm and _compilable(model):
             step = _CompiledChunk(velocity, [c for c in (cache, neg_cache) if c is not None])
@@ -488,8 +501,8 @@ def stream(
                 mx.eval(x, x0)
                 if on_step is not None:
                     on_step(StepInfo(state.chunk, i, float(t), x_t, x0))
-        velocity.write(x0, cache, neg_cache)
-        mx.eval(state.arrays(), x0)
+        state.pending = x0
+        mx.eval(state.arrays())
         result = ChunkResult(
             index=state.chunk,
             start_frame=state.frames,

@@ -319,6 +319,48 @@ def test_saved_and_restored_stream_continues_bit_identically(tmp_path):
     assert np.abs(np.array(next(other).latents) - whole[2]).max() > 1e-3
 
 
+def test_the_write_pass_waits_for_the_next_chunk(tmp_path, monkeypatch):
+    """A stream's last chunk makes no write pass; continuing the stream writes it first, so a
+    stream stopped at 6 frames and continued to 11 (through a saved state) equals one run to 11,
+    and so does a state saved the earlier way (the chunk already written, nothing pending)."""
+    model = tiny_model(["lcha", "ssa", "full"], window=2, sink=1, chunk=2)
+    ctx = mx.array(np.random.default_rng(2).standard_normal((1, 3, 8)).astype(np.float32))
+    calls = []
+    forward = S2DiT.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("update_cache", False))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(S2DiT, "__call__", counted)
+    whole = stream_latents(model, ctx, 11, FEW_STEP_4, seed=5)  # 6 chunks
+    assert len(calls) == 6 * 4 + 5 and sum(calls) == 5
+    calls.clear()
+    state = generation.new_stream_state(model, SeededNoise(5), False, ctx, None)
+    head = [
+        np.array(c.latents)
+        for c in generation.stream(model, ctx, 6, (4, 4), FEW_STEP_4, state=state)
+    ]
+    assert len(calls) == 3 * 4 + 2 and state.pending is not None
+    np.testing.assert_array_equal(np.array(state.pending), head[-1])
+    state.save(tmp_path / "pending.safetensors")
+    old_way = generation.StreamState.load(tmp_path / "pending.safetensors")
+    zero = mx.zeros((1,), dtype=mx.float32)
+    model(old_way.pending, zero, ctx, cache=old_way.cache, update_cache=True)
+    old_way.pending = None
+    old_way.save(tmp_path / "written.safetensors")
+    for name in ("pending", "written"):
+        restored = generation.StreamState.load(tmp_path / f"{name}.safetensors")
+        assert (restored.pending is None) == (name == "written")
+        calls.clear()
+        rest = generation.stream(model, ctx, 11, (4, 4), FEW_STEP_4, state=restored)
+        got = head + [np.array(c.latents) for c in rest]
+        assert len(calls) == 3 * 4 + 2 + (name == "pending")
+        assert len(got) == len(whole)
+        for g, w in zip(got, whole, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_config_errors_are_one_line():
     with pytest.raises(S2DiTError, match="unknown block type 'mamba'"):
         ModelArgs.from_dict({"layers": ["lcha", "mamba"]})

@@ -139,3 +139,26 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert all(np.array_equal(fa[k], fb[k]) for k in fa)
     assert all(np.array_equal(np.array(whole.ema[k]), np.array(resumed.ema[k])) for k in whole.ema)
     assert [h["critic_loss"] for h in whole.history] == [h["critic_loss"] for h in resumed.history]
+
+
+def test_t_shift_moves_the_noise_levels_up_by_the_flow_shift():
+    """--t-shift maps each drawn level u to shift u / (1 + (shift - 1) u) before [t_min, t_max];
+    shift 1 is the uniform draw, and a bad shift is refused."""
+    import pytest
+
+    from s2dit_mlx.errors import S2DiTError
+    from train.dmd import _noised
+
+    video = mx.random.normal((64, 2, 4, 4, 4), key=mx.random.key(3))
+    t1, x1, e1 = _noised(video, config(batch_size=64), "dmd", 5)
+    t3, x3, e3 = _noised(video, config(batch_size=64, t_shift=3.0), "dmd", 5)
+    u = (np.array(t1) - 20.0) / 960.0
+    np.testing.assert_allclose(np.array(t3), 20.0 + 960.0 * 3 * u / (1 + 2 * u), rtol=1e-5)
+    np.testing.assert_array_equal(np.array(e1), np.array(e3))  # same noise, other levels
+    s = (np.array(t3) / 1000.0).reshape(-1, 1, 1, 1, 1)
+    np.testing.assert_allclose(
+        np.array(x3), (1 - s) * np.array(video) + s * np.array(e3), atol=1e-5
+    )
+    assert np.mean(np.array(t3)) > np.mean(np.array(t1)) + 100
+    with pytest.raises(S2DiTError, match="t_shift"):
+        config(t_shift=0.0).validate()

@@ -67,6 +67,7 @@ class DMDConfig(ConfigBase):
     ema: float = 0.0  # EMA decay of the generator (0: off)
     t_min: float = 20.0  # DMD noise levels are drawn in [t_min, t_max] (model t)
     t_max: float = 980.0
+    t_shift: float = 1.0  # >1 draws noisy levels more often (shape and motion are set there)
     score_chunk_frames: int | None = None  # block-causal score passes (streaming teacher)
     seed: int = 0
 
@@ -100,6 +101,8 @@ class DMDConfig(ConfigBase):
             raise S2DiTError(
                 f"DMD noise range needs 0 < t_min < t_max <= 1000, got {self.t_min}, {self.t_max}"
             )
+        if not (math.isfinite(self.t_shift) and self.t_shift > 0):
+            raise S2DiTError(f"t_shift must be a positive number, got {self.t_shift!r}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise S2DiTError(f"guidance must be a number >= 0, got {self.guidance!r}")
 
@@ -171,12 +174,7 @@ def dmd_gradient(
 ) -> tuple[mx.array, dict]:
     """The DMD gradient w.r.t. the video (frozen nets, no autodiff) and its statistics."""
     b = video.shape[0]
-    keys = _sample_keys(cfg.seed, "dmd", step, b)
-    u = mx.stack([mx.random.uniform(key=mx.random.split(k)[0]) for k in keys])
-    t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
-    eps = mx.stack([mx.random.normal(video.shape[1:], key=mx.random.split(k)[1]) for k in keys])
-    s = (t / 1000.0).reshape(b, 1, 1, 1, 1)
-    x_t = (1.0 - s) * video + s * eps
+    t, x_t, _ = _noised(video, cfg, "dmd", step)
     cf = cfg.score_chunk_frames
     real = _x0(teacher, x_t, t, context, cf)
     if cfg.guidance != 1.0:
@@ -211,15 +209,22 @@ def generator_grads(generator, records: list[ExitRecord], context: mx.array, cot
     return tree_unflatten(list(zip(names, total, strict=True)))
 
 
-def flow_loss(critic, video, context, cfg: DMDConfig, step: int) -> mx.array:
-    """The critic's flow-matching loss on the generator's (detached) samples."""
+def _noised(video, cfg: DMDConfig, stream: str, step: int):
+    """(t [B], x_t, eps): the video noised at a level per sample, drawn in [t_min, t_max]
+    after the shift u -> shift u / (1 + (shift - 1) u) (shift 1: uniform)."""
     b = video.shape[0]
-    keys = _sample_keys(cfg.seed, "critic", step, b)
+    keys = _sample_keys(cfg.seed, stream, step, b)
     u = mx.stack([mx.random.uniform(key=mx.random.split(k)[0]) for k in keys])
+    u = cfg.t_shift * u / (1.0 + (cfg.t_shift - 1.0) * u)
     t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
     eps = mx.stack([mx.random.normal(video.shape[1:], key=mx.random.split(k)[1]) for k in keys])
     s = (t / 1000.0).reshape(b, 1, 1, 1, 1)
-    x_t = (1.0 - s) * video + s * eps
+    return t, (1.0 - s) * video + s * eps, eps
+
+
+def flow_loss(critic, video, context, cfg: DMDConfig, step: int) -> mx.array:
+    """The critic's flow-matching loss on the generator's (detached) samples."""
+    t, x_t, eps = _noised(video, cfg, "critic", step)
     v = critic(x_t, t, context, chunk_frames=cfg.score_chunk_frames)
     return ((v - (eps - video)) ** 2).mean()
 
@@ -446,6 +451,7 @@ def build_run(args) -> tuple[DMD, dict]:
         ema=args.ema,
         t_min=args.t_min,
         t_max=args.t_max,
+        t_shift=args.t_shift,
         score_chunk_frames=teacher.args.frames_per_chunk
         if t_defaults["mode"] == "streaming"
         else None,
@@ -566,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--t-max", type=float, default=980.0, help="highest DMD noise level t (default 980)"
+    )
+    p.add_argument(
+        "--t-shift",
+        type=float,
+        default=1.0,
+        help="shift of the DMD and critic noise levels: >1 favours noisy levels, where shape "
+        "and motion are decided (default 1: uniform in [t-min, t-max])",
     )
     p.add_argument(
         "--critic-lora",

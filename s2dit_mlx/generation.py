@@ -418,7 +418,7 @@ class ChunkResult:
     start_frame: int
     latents: mx.array
     seconds: float
-    passes: int
+    passes: int  # model passes made for it: its denoising passes and the previous chunk's write
     stats: dict = field(default_factory=dict)
 
 
@@ -448,7 +448,9 @@ def stream(
     """Generate clean latent chunks until `num_frames` latent frames exist, one chunk at a time.
 
     `state` continues an earlier stream (its caches, noise and position); without it a fresh
-    one is made from `noise`. After each yield `state` is consistent and can be saved.
+    one is made from `noise`. After each yield `state` is consistent and can be saved; it holds
+    the chunk just yielded as `pending`, written into the caches (with this call's context) when
+    the next chunk is asked for.
     `compile`: run each chunk's denoising passes as one compiled MLX graph (from this call's
     second chunk on, once the text side is cached; single-DiT models without CPU kernels only,
     else ignored).
@@ -471,9 +473,11 @@ def stream(
         frames = min(args.frames_per_chunk, num_frames - state.frames)
         shape = (batch, frames, height, width, args.in_dim)
         cache, neg_cache = state.cache, state.neg_cache
+        passes = sampler.passes_per_chunk() - 1  # the denoising passes
         if state.pending is not None:  # the previous chunk's clean pass, deferred until needed
             velocity.write(state.pending.astype(dtype), cache, neg_cache)
             state.pending = None
+            passes += 1
         x = state.noise.draw(shape).astype(dtype)
         step = velocity
         if compile and warm and _compilable(model):
@@ -508,7 +512,7 @@ def stream(
             start_frame=state.frames,
             latents=x0,
             seconds=time.perf_counter() - start,
-            passes=sampler.passes_per_chunk(),
+            passes=passes,
         )
         state.chunk += 1
         state.frames += frames

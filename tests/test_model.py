@@ -337,10 +337,9 @@ def test_the_write_pass_waits_for_the_next_chunk(tmp_path, monkeypatch):
     assert len(calls) == 6 * 4 + 5 and sum(calls) == 5
     calls.clear()
     state = generation.new_stream_state(model, SeededNoise(5), False, ctx, None)
-    head = [
-        np.array(c.latents)
-        for c in generation.stream(model, ctx, 6, (4, 4), FEW_STEP_4, state=state)
-    ]
+    results = list(generation.stream(model, ctx, 6, (4, 4), FEW_STEP_4, state=state))
+    head = [np.array(c.latents) for c in results]
+    assert [c.passes for c in results] == [4, 5, 5]
     assert len(calls) == 3 * 4 + 2 and state.pending is not None
     np.testing.assert_array_equal(np.array(state.pending), head[-1])
     state.save(tmp_path / "pending.safetensors")

@@ -31,13 +31,13 @@ import numpy as np
 from results_io import write_result
 
 from s2dit_mlx.generation import Sampler, SeededNoise, stream
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_dit
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_dit
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 
 
 def builtin_case():
     """The built-in DiT, a context of its text width, its latent grid."""
-    dit = load_dit(DEFAULT_MODEL_DIR)
+    dit = load_dit(TEACHER_MODEL_DIR)
     context = mx.random.normal((1, dit.args.text_len, dit.args.text_dim), key=mx.random.key(1))
     return dit, context, (16, 16)
 

@@ -50,11 +50,11 @@ import json, sys, time
 import s2dit_mlx
 s2dit_mlx.setup_blas()  # what `s2dit generate` does: OpenBLAS, then its models on the kernels
 from s2dit_mlx import kernels
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.loading import TEACHER_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 
 prompt, clips, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-pipe = Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
+pipe = Pipeline.from_pretrained(str(TEACHER_MODEL_DIR))
 kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
 pipe.generate(prompt, seed=0, steps=2, height=size, width=size)  # warm-up: kernels, caches
 times = []
@@ -204,7 +204,7 @@ def main() -> None:
     results = [measure(opts, size, configs) for size in opts.sizes]
     result = {
         "benchmark": "contention",
-        "model": "built-in (s2dit_mlx/assets/default), 33 frames, 16 steps, guidance 3",
+        "model": "built-in (s2dit_mlx/assets/teacher), 33 frames, 16 steps, guidance 3",
         "competitor": f"{opts.competitors} x {opts.competitor} ({COMPETITORS[opts.competitor]!r})",
         "rounds": opts.rounds,
         "clips_per_run": opts.clips,

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 from s2dit_mlx.coreml import cost, verify
 from s2dit_mlx.coreml.export import DIT_PACKAGE, VAE_PACKAGE, export_coreml, package_size
 from s2dit_mlx.coreml.interpret import Package
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_model
 from s2dit_mlx.models.patch_vae import PatchVAE, PatchVAEConfig
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.sampling import few_step_timesteps
@@ -94,7 +94,7 @@ def trained_model(folder: str) -> tuple[S2DiT, PatchVAE, np.ndarray, tuple[int, 
     context = np.array(bundle.text_encoder.encode([PROMPT]).astype(mx.float32))
     context = verify.pad_context(context, dit.args.text_len)
     size = (bundle.defaults["height"], bundle.defaults["width"])
-    name = "built-in model" if Path(folder).resolve() == DEFAULT_MODEL_DIR.resolve() else folder
+    name = "built-in teacher" if Path(folder).resolve() == TEACHER_MODEL_DIR.resolve() else folder
     return dit, bundle.vae, context, size, f'{name}, "{PROMPT}"'
 
 
@@ -185,7 +185,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=3)
     parser.add_argument("--sink", type=int, default=1)
     parser.add_argument(
-        "--model", default=str(DEFAULT_MODEL_DIR), help="model folder (default: the built-in)"
+        "--model",
+        default=str(TEACHER_MODEL_DIR),
+        help="model folder (default: the built-in teacher)",
     )
     parser.add_argument(
         "--random", action="store_true", help="a small random-weight model instead of --model"

@@ -23,14 +23,14 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 
 # isort: split
 from s2dit_mlx import kernels
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.loading import TEACHER_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.world.shapes import random_prompt
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--model", default=str(TEACHER_MODEL_DIR))
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--frames", type=int, default=161, help="pixel frames (161: 10 s)")
     parser.add_argument("--seed", type=int, default=5)

@@ -13,8 +13,8 @@ Writes benchmarks/results/distill.json. For each model (a folder, with sampler o
   size, in units of the frame; a distilled student that collapses to one answer per prompt has
   a small spread.
 
-    python benchmarks/distill.py --model teacher=s2dit_mlx/assets/default \\
-        --model teacher-4-euler=s2dit_mlx/assets/default:steps=4,guidance=1 \\
+    python benchmarks/distill.py --model teacher=s2dit_mlx/assets/teacher \\
+        --model teacher-4-euler=s2dit_mlx/assets/teacher:steps=4,guidance=1 \\
         --model kd=runs/kd/model --model ar-4=runs/dmd4/model --model ar-2=runs/dmd2/model
 """
 

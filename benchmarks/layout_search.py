@@ -36,7 +36,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 # isort: split
 import mlx.core as mx
 
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_model
 from s2dit_mlx.models.s2dit import S2DiT
 from s2dit_mlx.transfer import init_from
 from train.flow import FlowConfig
@@ -82,7 +82,7 @@ def whole_call_seconds(model: S2DiT, latent, repeats: int = 9) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--teacher", default=str(TEACHER_MODEL_DIR))
     parser.add_argument("--cache", required=True, help="the teacher's cache (train.teacher_cache)")
     parser.add_argument("--kinds", default="lcha,ssa")
     parser.add_argument("--fit-steps", type=int, default=40)

@@ -1,4 +1,4 @@
-"""Prompt adherence and speed of a moving-shapes model (the built-in default by default).
+"""Prompt adherence and speed of a moving-shapes model (the built-in teacher by default).
 
 Writes benchmarks/results/quality.json:
 - 2-second clips for random prompts and seeds, each read back by s2dit_mlx.world.evaluate:
@@ -26,7 +26,7 @@ setup_blas()  # an entry point: OpenBLAS before mlx.core (s2dit_mlx/_blas.py)
 from results_io import write_result
 
 from s2dit_mlx import kernels
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.loading import TEACHER_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 from s2dit_mlx.sampling import SAMPLERS
 from s2dit_mlx.world.evaluate import coherence, evaluate, summarise
@@ -40,7 +40,7 @@ def _stat(fn, values: list[float]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--model", default=str(TEACHER_MODEL_DIR))
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--long-prompts", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=2.0)

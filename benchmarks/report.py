@@ -245,7 +245,7 @@ def _wan_memory_table(r: dict) -> list[str]:
 
 def resources_table(r: dict) -> list[str]:
     lines = [
-        "**Resource guard: estimated vs measured peak memory** (built-in model, MB; generate: "
+        "**Resource guard: estimated vs measured peak memory** (built-in teacher, MB; generate: "
         "MLX's peak, export: max-RSS growth; `benchmarks/resources.py`)",
         "",
         "| run | size | estimated | measured | ratio | RSS growth (estimated) | seconds "
@@ -270,7 +270,7 @@ def resources_table(r: dict) -> list[str]:
 
 def contention_table(r: dict) -> list[str]:
     lines = [
-        f"**Generation under CPU contention** (built-in model, seconds per clip, median over "
+        f"**Generation under CPU contention** (built-in teacher, seconds per clip, median over "
         f"{r['rounds']} alternating runs x {r['clips_per_run']} clips; competitor "
         f"{r['competitor']}; quiet = without it, on a machine other jobs shared; "
         "`benchmarks/contention.py`)",
@@ -294,7 +294,7 @@ def contention_table(r: dict) -> list[str]:
 def decode_overlap_table(r: dict) -> list[str]:
     f = r["frames_per_s"]
     return [
-        f"**Decode overlap** the built-in model streaming {r['frames']} frames, "
+        f"**Decode overlap** the built-in teacher streaming {r['frames']} frames, "
         f"{len(r['runs']['overlap'])} streams in turns, identical frames "
         "(`benchmarks/decode_overlap.py`)",
         "",
@@ -347,7 +347,7 @@ def compiled_step_table(r: dict) -> list[str]:
 
 def distill_table(r: dict) -> list[str]:
     lines = [
-        f"**Distillation** the built-in model as teacher and its students, one run, models in "
+        f"**Distillation** the built-in teacher and its students, one run, models in "
         f"turns (`benchmarks/distill.py`): adherence over {r['prompts']} random prompts "
         f"({r['clip_frames']}-frame clips), coherence over {r['streams']} streams of "
         f"{r['long_clip_frames']} frames, diversity over {r['diversity_prompts']} prompts x "
@@ -372,7 +372,7 @@ def distill_table(r: dict) -> list[str]:
 def layout_search_table(r: dict) -> list[str]:
     lines = [
         f"**Layout search** all {len(r['layouts'])} {{{', '.join(r['kinds'])}}} layouts of the "
-        f"built-in model, each fitted {r['fit_steps']} steps on its teacher cache "
+        f"built-in teacher, each fitted {r['fit_steps']} steps on its teacher cache "
         "(`benchmarks/layout_search.py`)",
         "",
         f"- Spearman rank correlation, the DP's additive prediction vs measured held-out loss: "
@@ -431,13 +431,13 @@ def quality_summary(r: dict) -> list[tuple[str, str]]:
     acc, (h, w) = r["accuracy"], r["size"]
     return [
         (
-            f"built-in model, {len(r['clips'])} random prompts (`quality.py`)",
+            f"built-in teacher, {len(r['clips'])} random prompts (`quality.py`)",
             f"colour {_pct(acc['colour'])}, shape {_pct(acc['shape'])}, motion "
             f"{_pct(acc['motion'])}, all three {_pct(acc['all'])}; 10 s streams: "
             f"{_pct(r['long_coherence_mean'])} of frames hold one coherent object",
         ),
         (
-            "built-in model speed",
+            "built-in teacher speed",
             f"{r['streaming_frames_per_s']:.1f} frames/s streaming at {w}x{h}; "
             f"{r['seconds_per_clip']:.2f} s per 2 s clip",
         ),

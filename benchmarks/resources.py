@@ -52,13 +52,13 @@ def max_rss():
 
 kind, size = sys.argv[1], int(sys.argv[2])
 from s2dit_mlx import resources
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.loading import TEACHER_MODEL_DIR
 
 out = {"kind": kind, "size": size}
 if kind == "generate":
     from s2dit_mlx.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
+    pipe = Pipeline.from_pretrained(str(TEACHER_MODEL_DIR))
     from s2dit_mlx import kernels
 
     kernels.enable_on_cpu(pipe.dit, pipe.vae, pipe.text_encoder)
@@ -77,7 +77,7 @@ else:
     from s2dit_mlx.coreml.export import check_export, export_coreml
     from s2dit_mlx.loading import load_model
 
-    bundle = load_model(str(DEFAULT_MODEL_DIR))
+    bundle = load_model(str(TEACHER_MODEL_DIR))
     mx.eval(bundle.dit.parameters(), bundle.vae.parameters())
     shapes = check_export(bundle.dit, bundle.vae, size, size, None, None, None, "none",
                           "float16")
@@ -165,7 +165,7 @@ def main() -> None:
             )
     result = {
         "benchmark": "resources",
-        "model": "built-in (s2dit_mlx/assets/default)",
+        "model": "built-in (s2dit_mlx/assets/teacher)",
         "goal": "estimate within 25% of the measured peak",
         "compared": {
             "generate": "estimated MLX peak vs mx.get_peak_memory() (MLX's exact count of its "

@@ -49,7 +49,7 @@ MODULE_COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "vae": ("train.vae", "train a video VAE (Wan architecture or the small patch VAE)"),
         "fuse": ("train.fuse", "merge a LoRA adapter into its model folder"),
         "average": ("train.average", "average model folders that share one VAE (a model soup)"),
-        "default-model": ("train.default_model", "the built-in model's whole recipe"),
+        "default-model": ("train.default_model", "the built-in teacher's whole recipe"),
         "teacher-cache": ("train.teacher_cache", "run a teacher once and cache its trajectories"),
         "dmd": ("train.dmd", "distribution matching distillation with self-forcing rollout"),
         "layout-search": (
@@ -155,8 +155,8 @@ def _add_generate(sub) -> None:
         "--model",
         "-m",
         metavar="MODEL",
-        help="model folder or Hugging Face repository id (default: the built-in moving-shapes "
-        "model)",
+        help="model folder, Hugging Face repository id, or builtin:teacher (default: the "
+        "built-in moving-shapes model, a 3-step student distilled from that teacher)",
     )
     gen.add_argument(
         "--output",

@@ -36,8 +36,13 @@ from .models.patch_vae import PatchVAE, PatchVAEConfig
 from .models.umt5 import UMT5Config, UMT5TextEncoder
 from .models.wan_vae import WanVAE, WanVAEConfig
 
-# The built-in model shipped inside the package (trained by train/default_model.py).
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+# The built-in models shipped inside the package: the teacher (trained by train/default_model.py;
+# 16 Euler steps with CFG 3 a chunk) and its distilled few-step student, the default (its card:
+# docs/default-model.md). `--model builtin:teacher` names the teacher.
+TEACHER_MODEL_DIR = Path(__file__).parent / "assets" / "teacher"
+STUDENT_MODEL_DIR = Path(__file__).parent / "assets" / "student"
+DEFAULT_MODEL_DIR = STUDENT_MODEL_DIR
+BUILTIN_MODELS = {"builtin:teacher": TEACHER_MODEL_DIR, "builtin:student": STUDENT_MODEL_DIR}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -329,10 +334,17 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def resolve_model_path(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local model folder, or the local snapshot of a Hugging Face hub repository."""
+    """A built-in model's name, a local model folder, or the local snapshot of a Hugging Face hub
+    repository."""
     name = os.fspath(path_or_hub_id)
     if not name.strip():
         raise S2DiTError("model path is empty")
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]
+    if name.startswith("builtin:"):
+        raise S2DiTError(
+            f"no built-in model {name}; the built-in models: {', '.join(BUILTIN_MODELS)}"
+        )
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():

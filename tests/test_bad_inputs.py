@@ -30,7 +30,7 @@ from conftest import TINY_DEFAULTS, make_tiny_components
 from mlx.utils import tree_flatten, tree_unflatten
 
 from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_model, save_model
 
 NOT_UTF8 = b"\xff\xfe a fox".decode("utf-8", "surrogateescape")  # what Linux argv gives
 
@@ -154,7 +154,7 @@ def world(tmp_path_factory) -> dict[str, str]:
     # config with a wrong type
     (root / "lone").mkdir()
     paths["lone_config"] = root / "lone" / "config.json"
-    paths["lone_config"].write_bytes((DEFAULT_MODEL_DIR / "config.json").read_bytes())
+    paths["lone_config"].write_bytes((TEACHER_MODEL_DIR / "config.json").read_bytes())
     paths["dim_str_config"] = paths["dim_str"] / "config.json"
     # train.dit --resume
     (root / "empty_run").mkdir()
@@ -615,14 +615,14 @@ def _dit():
 
 
 def test_config_in_a_model_folder_reads_its_tokenizer_from_beside_it():
-    """train.dit --config s2dit_mlx/assets/default/config.json: a random start whose umT5 text
+    """train.dit --config s2dit_mlx/assets/teacher/config.json: a random start whose umT5 text
     encoder has the folder's tokenizer (the shipped weights are not loaded)."""
     from train.dit import _build_from_config
 
     dit, _, text_encoder, defaults = _build_from_config(
-        str(DEFAULT_MODEL_DIR / "config.json"), seed=0
+        str(TEACHER_MODEL_DIR / "config.json"), seed=0
     )
-    shipped = load_model(DEFAULT_MODEL_DIR)
+    shipped = load_model(TEACHER_MODEL_DIR)
     assert text_encoder.tokenizer is not None
     ids, _ = text_encoder.tokenizer(["a red circle moving left"])
     want, _ = shipped.text_encoder.tokenizer(["a red circle moving left"])
@@ -634,7 +634,7 @@ def test_config_in_a_model_folder_reads_its_tokenizer_from_beside_it():
 
 def test_every_saved_config_passes_the_type_check(world):
     """Folders written by this and earlier versions (the built-in model, the fixtures) load."""
-    for path in (DEFAULT_MODEL_DIR, world["model"]):
+    for path in (TEACHER_MODEL_DIR, world["model"]):
         load_model(path)
 
 

@@ -1071,9 +1071,9 @@ MIN_PSNR_DEFAULT_MODEL = {"int8": 35.0, "palette6": 30.0}
 
 @pytest.mark.parametrize("compress", sorted(MIN_PSNR_DEFAULT_MODEL))
 def test_compressed_default_model_stays_close(tmp_path, compress):
-    from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+    from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_model
 
-    bundle = load_model(DEFAULT_MODEL_DIR)
+    bundle = load_model(TEACHER_MODEL_DIR)
     dit = bundle.dit
     dit.set_dtype(mx.float32)
     args = dit.args

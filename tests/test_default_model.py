@@ -9,21 +9,33 @@ from mlx.utils import tree_flatten
 
 from s2dit_mlx import cli
 from s2dit_mlx.errors import S2DiTError
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model
+from s2dit_mlx.loading import (
+    DEFAULT_MODEL_DIR,
+    STUDENT_MODEL_DIR,
+    TEACHER_MODEL_DIR,
+    load_model,
+    resolve_model_path,
+)
 from s2dit_mlx.video_io import read_video
 from train.palette import palette_targets
 
 MAX_MB = 30
 
 
-def test_default_model_is_shipped_and_small():
-    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
-    assert (DEFAULT_MODEL_DIR / "config.json") in files
+@pytest.mark.parametrize(
+    "folder", [TEACHER_MODEL_DIR, STUDENT_MODEL_DIR], ids=["teacher", "student"]
+)
+def test_builtin_models_are_shipped_and_small(folder):
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert (folder / "config.json") in files
     assert sum(p.stat().st_size for p in files) / 1e6 <= MAX_MB
 
 
-def test_default_model_is_a_streaming_sandwich():
-    bundle = load_model(DEFAULT_MODEL_DIR)
+@pytest.mark.parametrize(
+    "folder", [TEACHER_MODEL_DIR, STUDENT_MODEL_DIR], ids=["teacher", "student"]
+)
+def test_builtin_models_are_streaming_sandwiches(folder):
+    bundle = load_model(folder)
     layers = bundle.dit.args.layers
     assert "lcha" in layers and "ssa" in layers
     assert bundle.defaults["mode"] == "streaming"
@@ -32,8 +44,25 @@ def test_default_model_is_a_streaming_sandwich():
     assert (bundle.vae.temporal_factor, bundle.vae.spatial_factor) == (4, 8)
     assert bundle.vae.z_dim == bundle.dit.args.in_dim
     assert type(bundle.text_encoder).__name__ == "UMT5TextEncoder"
-    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
     assert config["defaults"]["height"] >= 64 and config["defaults"]["width"] >= 64
+
+
+def test_the_default_is_the_distilled_student_and_the_teacher_is_reachable(capsys):
+    """The default samples a few steps without guidance, with the teacher's layout and text
+    side; `builtin:teacher` / `builtin:student` name the two; another builtin name is refused."""
+    assert DEFAULT_MODEL_DIR == STUDENT_MODEL_DIR
+    student, teacher = load_model("builtin:student"), load_model("builtin:teacher")
+    assert resolve_model_path("builtin:teacher") == TEACHER_MODEL_DIR
+    d = student.defaults
+    assert (d["solver"], d["guidance"], d["steps"]) == ("few-step", 1.0, 3)
+    assert teacher.defaults["guidance"] > 1 and teacher.defaults["steps"] > d["steps"]
+    assert student.dit.args.layers == teacher.dit.args.layers
+    same = dict(tree_flatten(student.text_encoder.parameters()))
+    for name, w in tree_flatten(teacher.text_encoder.parameters()):
+        np.testing.assert_array_equal(np.array(same[name]), np.array(w))
+    with pytest.raises(S2DiTError, match="no built-in model builtin:nope"):
+        resolve_model_path("builtin:nope")
 
 
 def test_generate_without_model_uses_the_default(tmp_path, capsys):
@@ -144,7 +173,7 @@ def test_default_model_recipe_rejects_bad_init(tmp_path, capsys):
     assert default_model.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --init: no model folder") and "\n" not in err
-    argv = ["--out", str(tmp_path / "run"), "--init", str(DEFAULT_MODEL_DIR), "--vae", "x"]
+    argv = ["--out", str(tmp_path / "run"), "--init", str(TEACHER_MODEL_DIR), "--vae", "x"]
     assert default_model.main(argv) == 2
     assert "not both" in capsys.readouterr().err
     argv = ["--out", str(tmp_path / "run"), "--palette-bits", "0"]

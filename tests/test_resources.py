@@ -18,7 +18,7 @@ from cli_harness import assert_user_error, run_main, tree_state
 from s2dit_mlx import _blas, cli, resources
 from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.kernels import cpu as cpu_kernels
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR
+from s2dit_mlx.loading import TEACHER_MODEL_DIR
 from s2dit_mlx.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +31,9 @@ def tiny_pipe(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def builtin_pipe():
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+    if not (TEACHER_MODEL_DIR / "config.json").is_file():
         pytest.skip("the built-in model is not installed")
-    return Pipeline.from_pretrained(str(DEFAULT_MODEL_DIR))
+    return Pipeline.from_pretrained(str(TEACHER_MODEL_DIR))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from test_train import ROOT, _free_port, flat, latent_data, make_trainer, tiny_dit
 
 from s2dit_mlx import rng
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_model, save_model
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_model, save_model
 from s2dit_mlx.models.s2dit import S2DiT
 from train import checkpoint as ckpt_mod
 from train.flow import FlowConfig, FlowModel, flow_matching_loss
@@ -462,10 +462,10 @@ def test_full_finetune_of_the_builtin_float16_model(tmp_path):
     from s2dit_mlx.world.shapes import random_prompt
     from train import dit as cli
 
-    base = load_model(DEFAULT_MODEL_DIR)
+    base = load_model(TEACHER_MODEL_DIR)
     assert set(dtypes(base.dit.parameters()).values()) == {mx.float16}
     run = tmp_path / "run"
-    argv = ["--model", str(DEFAULT_MODEL_DIR), "--data", "shapes", "--out", str(run),
+    argv = ["--model", str(TEACHER_MODEL_DIR), "--data", "shapes", "--out", str(run),
             "--steps", "200", "--batch-size", "2", "--frames", "17", "--lr", "1e-5",
             "--checkpoint-every", "100", "--no-progress", "--seed", "1"]  # fmt: skip
     code, _, err = run_main(cli.main, argv)
@@ -473,7 +473,7 @@ def test_full_finetune_of_the_builtin_float16_model(tmp_path):
     losses = json.loads((run / "loss.json").read_text())["loss"]
     assert len(losses) == 200 and all(math.isfinite(x) for x in losses)
     tuned = load_model(run / "model")
-    assert folder_dtypes(run / "model") == folder_dtypes(DEFAULT_MODEL_DIR)  # float16 kept
+    assert folder_dtypes(run / "model") == folder_dtypes(TEACHER_MODEL_DIR)  # float16 kept
     assert all_finite(tuned.dit.parameters())
     # The folder holds the float32 masters of the last checkpoint, rounded to float16.
     arrays, _ = ckpt_mod.load_checkpoint(run / "checkpoints" / "step-0000200")
@@ -490,6 +490,6 @@ def test_full_finetune_of_the_builtin_float16_model(tmp_path):
     # Measured: colour 8/8 before and after, all three 6/8 before, 5/8 after.
     g = np.random.default_rng(5)
     prompts = [(random_prompt(g), int(g.integers(0, 2**31))) for _ in range(8)]
-    was, now = prompt_scores(DEFAULT_MODEL_DIR, prompts), prompt_scores(run / "model", prompts)
+    was, now = prompt_scores(TEACHER_MODEL_DIR, prompts), prompt_scores(run / "model", prompts)
     assert now["colour"] >= 6 / 8 and now["colour"] >= was["colour"] - 1 / 8, (was, now)
     assert now["all"] >= was["all"] - 2 / 8, (was, now)

@@ -1,4 +1,4 @@
-"""`python -m train.default_model`: train the built-in default model from nothing.
+"""`python -m train.default_model`: train the built-in teacher model from nothing.
 
 The same code paths a user runs on a real teacher, at a size a 2-core CPU trains in under two
 hours, on the procedural moving-shapes world (s2dit_mlx.world.shapes):
@@ -11,7 +11,7 @@ hours, on the procedural moving-shapes world (s2dit_mlx.world.shapes):
 3. the latents of N training clips, encoded once and cached;
 4. the streaming S2DiT sandwich (LCHA + SSA) and a small umT5 text encoder, trained jointly
    with the diffusion-forcing flow objective (train.dit);
-5. the model folder, weights in float16, copied to s2dit_mlx/assets/default (--install).
+5. the model folder, weights in float16, copied to s2dit_mlx/assets/teacher (--install).
 
     python -m train.default_model --out runs/default --install
 
@@ -24,7 +24,7 @@ streams, m1, with the motion-weighted loss, the motion, o1 and o2, with the obje
 well, the 10 s coherence, and their average keeps o1's motion and most of o2's coherence
 (docs/default-model.md):
 
-    python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/default/vae \
+    python -m train.default_model --out runs/w1 --vae s2dit_mlx/assets/teacher/vae \
         --background-dropout 0
     python -m train.default_model --out runs/w2 --init runs/w1/model --seed 1 --steps 2500 \
         --lr 5e-4 --background-dropout 0
@@ -63,7 +63,7 @@ well, the 10 s coherence, and their average keeps o1's motion and most of o2's c
         --batch-size 8 --steps 2000 --lr 1e-4 --ema 0.999 --t-shift 3 --motion-weight 2 \
         --object-weight 3
     python -m train.average runs/o2/model runs/o1/model --weights 0.7 0.3 \
-        --out s2dit_mlx/assets/default --overwrite
+        --out s2dit_mlx/assets/teacher --overwrite
 
 From w5 on, runs train with one sink chunk and stream without it (--stream-sink 0 writes only
 the saved folder's layout): 10 s streams stay coherent longer (docs/default-model.md).
@@ -101,7 +101,7 @@ from s2dit_mlx.cli_args import (
 )
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.fsutil import check_run_dir, mark_run_dir
-from s2dit_mlx.loading import DEFAULT_MODEL_DIR, load_component, load_model, save_model
+from s2dit_mlx.loading import TEACHER_MODEL_DIR, load_component, load_model, save_model
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.models.umt5 import UMT5Config, UMT5TextEncoder
 from s2dit_mlx.tokenizer import Tokenizer, train_tokenizer, word_tokenizer
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--install",
         action="store_true",
-        help="copy the result into the package as the built-in model",
+        help="copy the result into the package as the built-in teacher (builtin:teacher)",
     )
     return p
 
@@ -724,8 +724,8 @@ def run(args: argparse.Namespace) -> Path:
     final = to_float16(trained, out / "model", DEFAULTS, args.stream_sink)
     print(f"model folder {final}: {folder_mb(final):.1f} MB")
     if args.install:
-        to_float16(final, DEFAULT_MODEL_DIR)
-        print(f"installed as the built-in default model: {DEFAULT_MODEL_DIR}")
+        to_float16(final, TEACHER_MODEL_DIR)
+        print(f"installed as the built-in teacher (--model builtin:teacher): {TEACHER_MODEL_DIR}")
     return final
 
 

@@ -53,7 +53,8 @@ def add_coreml_parser(subparsers) -> argparse.ArgumentParser:
         "--model",
         "-m",
         metavar="MODEL",
-        help="model folder or Hugging Face repository id (default: the built-in model)",
+        help="model folder, Hugging Face repository id or builtin:teacher (default: the built-in "
+        "model, the 3-step student)",
     )
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     p.add_argument(

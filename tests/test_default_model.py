@@ -48,7 +48,7 @@ def test_builtin_models_are_streaming_sandwiches(folder):
     assert config["defaults"]["height"] >= 64 and config["defaults"]["width"] >= 64
 
 
-def test_the_default_is_the_distilled_student_and_the_teacher_is_reachable(capsys):
+def test_the_default_is_the_distilled_student_and_the_teacher_is_reachable():
     """The default samples a few steps without guidance, with the teacher's layout and text
     side; `builtin:teacher` / `builtin:student` name the two; another builtin name is refused."""
     assert DEFAULT_MODEL_DIR == STUDENT_MODEL_DIR

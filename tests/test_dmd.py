@@ -9,12 +9,22 @@ import s2dit_mlx  # noqa: F401
 # isort: split
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
+from s2dit_mlx.errors import S2DiTError
 from s2dit_mlx.models.s2dit import ModelArgs, S2DiT
 from s2dit_mlx.transfer import init_from
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.dmd import DMD, DMDConfig, dmd_gradient, exit_steps, generator_grads, rollout
+from train.dmd import (
+    DMD,
+    DMDConfig,
+    _noised,
+    dmd_gradient,
+    exit_steps,
+    generator_grads,
+    rollout,
+)
 
 WIDTHS = dict(
     in_dim=4, out_dim=4, dim=24, ffn_dim=40, freq_dim=16, text_dim=8, num_heads=2, text_len=6
@@ -144,11 +154,6 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 def test_t_shift_moves_the_noise_levels_up_by_the_flow_shift():
     """--t-shift maps each drawn level u to shift u / (1 + (shift - 1) u) before [t_min, t_max];
     shift 1 is the uniform draw, and a bad shift is refused."""
-    import pytest
-
-    from s2dit_mlx.errors import S2DiTError
-    from train.dmd import _noised
-
     video = mx.random.normal((64, 2, 4, 4, 4), key=mx.random.key(3))
     t1, x1, e1 = _noised(video, config(batch_size=64), "dmd", 5)
     t3, x3, e3 = _noised(video, config(batch_size=64, t_shift=3.0), "dmd", 5)

@@ -43,6 +43,7 @@ from s2dit_mlx.cli_args import Parser
 from s2dit_mlx.config import ConfigBase
 from s2dit_mlx.errors import S2DiTError, run_cli
 from s2dit_mlx.generation import SeededNoise
+from s2dit_mlx.sampling import shift_sigmas
 
 
 @dataclass
@@ -215,7 +216,7 @@ def _noised(video, cfg: DMDConfig, stream: str, step: int):
     b = video.shape[0]
     keys = _sample_keys(cfg.seed, stream, step, b)
     u = mx.stack([mx.random.uniform(key=mx.random.split(k)[0]) for k in keys])
-    u = cfg.t_shift * u / (1.0 + (cfg.t_shift - 1.0) * u)
+    u = shift_sigmas(u, cfg.t_shift)
     t = cfg.t_min + (cfg.t_max - cfg.t_min) * u
     eps = mx.stack([mx.random.normal(video.shape[1:], key=mx.random.split(k)[1]) for k in keys])
     s = (t / 1000.0).reshape(b, 1, 1, 1, 1)

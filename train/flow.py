@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from s2dit_mlx.errors import S2DiTError
+from s2dit_mlx.sampling import shift_sigmas
 from s2dit_mlx.validate import check_field_types
 
 T_DISTS = ("logit_normal", "uniform", "shifted")
@@ -119,7 +120,7 @@ def sample_sigmas(key: mx.array, n: int, cfg: FlowConfig) -> mx.array:
     else:
         s = mx.random.uniform(shape=(n,), key=key)
     if cfg.shift != 1.0:
-        s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+        s = shift_sigmas(s, cfg.shift)
     return s
 
 
